@@ -1,0 +1,18 @@
+"""ckptcloud: stream PyTorch checkpoints to cloud object storage and keep only the ones worth keeping."""
+
+from ckptcloud.checkpoint import Checkpoint
+from ckptcloud.errors import CkptcloudError, RemoteSaveError, UploadError
+from ckptcloud.handlers import BaseSaveHandler, DiskSaver
+from ckptcloud.urls import load_checkpoint, saver_from_url
+
+__all__ = [
+    "BaseSaveHandler",
+    "Checkpoint",
+    "CkptcloudError",
+    "DiskSaver",
+    "RemoteSaveError",
+    "UploadError",
+    "load_checkpoint",
+    "saver_from_url",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,439 @@
+"""The retention engine: decides *what* to keep. No cloud SDKs, no ranks, no buffering here.
+
+``Checkpoint`` follows the public behaviour of PyTorch-Ignite's ``ignite.handlers.Checkpoint`` (0.5.5): names,
+defaults, filenames, metadata and error messages. It differs where ignite loses data (see README, "Differences
+from ignite"):
+
+* **write, then evict** - the new checkpoint is stored first; the kept list changes and evicted files are removed
+  only after the save returned. A save that raises leaves the kept list and every stored file as before.
+* **no double calls** - whether the save handler takes ``metadata`` is decided once from its signature, so a
+  ``TypeError`` raised inside a save propagates instead of running the save a second time.
+* **NaN scores** are never kept and never evict anything (warned once).
+* ``load_state_dict`` sorts the kept list; ``include_self`` with one object keeps the payload a mapping.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ckptcloud import distributed
+from ckptcloud._tree import tree_apply2, tree_leaves, tree_map
+from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
+
+logger = logging.getLogger("ckptcloud")
+
+SaveHandler = Callable[..., Any]
+
+
+class Checkpoint:
+    """Save objects with ``state_dict`` periodically and keep only the best ``n_saved`` of them.
+
+    Use it as an ignite event handler (``engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)``) or in a
+    plain loop with :meth:`save`. ``save_handler`` is a save handler (``DiskSaver``, ``S3Saver``, ...), a callable
+    ``(checkpoint, filename[, metadata])``, a local folder, or a URL such as ``s3://bucket/prefix``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from ckptcloud import Checkpoint
+        >>> model = torch.nn.Linear(2, 1)
+        >>> ckpt = Checkpoint({"model": model}, tempfile.mkdtemp(), n_saved=2, score_name="val_acc")
+        >>> for epoch, acc in enumerate([0.5, 0.9, 0.7], start=1):
+        ...     _ = ckpt.save(global_step=epoch, score=acc)
+        >>> [filename for _, filename in ckpt.state_dict()["_saved"]]
+        ['model_3_val_acc=0.7000.pt', 'model_2_val_acc=0.9000.pt']
+    """
+
+    class Item(NamedTuple):
+        """One kept checkpoint: its priority (score or step) and filename."""
+
+        priority: Any
+        filename: str
+
+    def __init__(
+        self,
+        to_save: Mapping,
+        save_handler: str | Path | SaveHandler | BaseSaveHandler,
+        filename_prefix: str = "",
+        score_function: Callable[[Any], Any] | None = None,
+        score_name: str | None = None,
+        n_saved: int | None = 1,
+        global_step_transform: Callable[[Any, Any], Any] | None = None,
+        filename_pattern: str | None = None,
+        include_self: bool = False,
+        greater_or_equal: bool = False,
+        save_on_rank: int = 0,
+    ) -> None:
+        if not isinstance(to_save, Mapping):
+            raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
+        self._check_objects(to_save, "state_dict", "to_save")
+        if include_self:
+            if not isinstance(to_save, MutableMapping):
+                raise TypeError(
+                    f"If `include_self` is True, then `to_save` must be mutable, but given {type(to_save)}."
+                )
+            if "checkpointer" in to_save:
+                raise ValueError(f"Cannot have key 'checkpointer' if `include_self` is True: {list(to_save)}")
+        if not (isinstance(save_handler, (str, Path)) or callable(save_handler) or is_save_handler(save_handler)):
+            raise TypeError(
+                "Argument `save_handler` should be a string or Path object or callable or inherit from "
+                f"BaseSaveHandler, but given {type(save_handler)}"
+            )
+        if global_step_transform is not None and not callable(global_step_transform):
+            raise TypeError(
+                f"global_step_transform should be a function, got {type(global_step_transform)} instead."
+            )
+        if n_saved is not None and (isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1):
+            raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}")
+
+        self.to_save = to_save
+        self.filename_prefix = filename_prefix
+        self.save_handler: Any = self._make_save_handler(save_handler, save_on_rank)
+        self.score_function = score_function
+        self.score_name = score_name
+        if score_name is not None and score_function is None:
+            self.score_function = self.get_default_score_fn(score_name)
+        self.n_saved = n_saved
+        self.ext = "pt"
+        self.global_step_transform = global_step_transform
+        self.filename_pattern = filename_pattern
+        self.include_self = include_self
+        self.greater_or_equal = greater_or_equal
+        self.save_on_rank = save_on_rank
+        self._saved: list[Checkpoint.Item] = []
+        self._handler_takes_metadata = _accepts_metadata(self.save_handler)
+        self._warned_nan = False
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    @staticmethod
+    def _make_save_handler(save_handler: Any, save_on_rank: int) -> Any:
+        if isinstance(save_handler, str) and "://" in save_handler:
+            from ckptcloud.urls import saver_from_url
+
+            return saver_from_url(save_handler, save_on_rank=save_on_rank)
+        if isinstance(save_handler, (str, Path)):
+            return DiskSaver(save_handler, create_dir=True, save_on_rank=save_on_rank)
+        return save_handler
+
+    @staticmethod
+    def _check_objects(objs: Any, attr: str, argument: str) -> None:
+        for obj in tree_leaves(objs):
+            if not hasattr(obj, attr):
+                raise TypeError(f"Object {type(obj)} in `{argument}` should have `{attr}` method")
+
+    # ------------------------------------------------------------------------------------------- one call
+    def __call__(self, engine: Any, *args: Any, **kwargs: Any) -> None:
+        """Ignite event-handler entry point: score, gate, save, then evict."""
+        global_step = None
+        if self.global_step_transform is not None:
+            global_step = self.global_step_transform(engine, getattr(engine, "last_event_name", None))
+        if self.score_function is not None:
+            priority = self.score_function(engine)
+            if not isinstance(priority, numbers.Number):
+                raise ValueError("Output of score_function should be a number")
+        else:
+            if global_step is None:
+                global_step = engine.state.iteration
+            priority = global_step
+        self._save(priority, global_step, self.score_function is not None, engine)
+
+    def save(self, global_step: int | None = None, score: float | None = None) -> str | None:
+        """Plain-loop entry point: save unless retention says the checkpoint is not worth keeping.
+
+        Args:
+            global_step: step or epoch put in the filename; the priority when no score is given.
+            score: higher is better; required when the checkpoint was built with a score function or name.
+
+        Returns:
+            The filename written, or ``None`` when retention skipped this one.
+
+        Example:
+            >>> import tempfile, torch
+            >>> ckpt = Checkpoint({"model": torch.nn.Linear(2, 1)}, tempfile.mkdtemp(), n_saved=1)
+            >>> ckpt.save(global_step=10)
+            'model_10.pt'
+        """
+        if score is not None:
+            if not isinstance(score, numbers.Number):
+                raise ValueError(f"Argument `score` should be a number, but given {type(score)}")
+            priority: Any = score
+        elif self.score_function is not None:
+            raise ValueError(
+                "This Checkpoint ranks by a score (score_function or score_name was given): pass `score=` to save()"
+            )
+        elif global_step is None:
+            raise ValueError("Pass `global_step=` or `score=` to save(): a checkpoint needs a step or a score")
+        else:
+            priority = global_step
+        return self._save(priority, global_step, score is not None, None)
+
+    def _save(self, priority: Any, global_step: Any, with_score: bool, engine: Any) -> str | None:
+        if _is_nan(priority):
+            if not self._warned_nan:
+                warnings.warn(
+                    "Checkpoint score is NaN: not saved, and it evicts nothing (further NaNs are not warned)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nan = True
+            return None
+        if not (self._check_lt_n_saved() or self._compare_fn(priority)):
+            return None
+
+        priority_str = f"{priority}" if isinstance(priority, numbers.Integral) else f"{priority:.4f}"
+        payload: Any = self._setup_checkpoint()
+        name = "checkpoint"
+        if len(payload) == 1:
+            name = next(iter(payload))
+            if not self.include_self:
+                payload = payload[name]
+        pattern = self.filename_pattern or self.setup_filename_pattern(
+            with_prefix=len(self.filename_prefix) > 0,
+            with_score=with_score,
+            with_score_name=self.score_name is not None,
+            with_global_step=global_step is not None,
+        )
+        filename = pattern.format(
+            filename_prefix=self.filename_prefix,
+            ext=self.ext,
+            name=name,
+            score_name=self.score_name,
+            score=priority_str if with_score else None,
+            global_step=global_step,
+        )
+        metadata = {
+            "basename": f"{self.filename_prefix}{'_' * int(len(self.filename_prefix) > 0)}{name}",
+            "score_name": self.score_name,
+            "priority": priority,
+        }
+
+        kept = list(self._saved)
+        evicted: list[Checkpoint.Item] = []
+        same = [i for i, item in enumerate(kept) if item.filename == filename]
+        if same:
+            kept.pop(same[0])  # overwritten in place by the save below, never deleted
+        elif not self._check_lt_n_saved():
+            evicted.append(kept.pop(0))
+        kept.append(Checkpoint.Item(priority, filename))
+        kept.sort(key=lambda item: item.priority)
+        if self.include_self:
+            payload["checkpointer"] = {"_saved": [(p, f) for p, f in kept]}
+
+        # Write first: if this raises, nothing below runs and nothing has changed.
+        if self._handler_takes_metadata:
+            self.save_handler(payload, filename, metadata)
+        else:
+            self.save_handler(payload, filename)
+        self._saved = kept
+        for item in evicted:
+            self._remove(item.filename)
+        if engine is not None and hasattr(engine, "fire_event"):
+            _fire_saved_event(engine)
+        return filename
+
+    def _remove(self, filename: str) -> None:
+        remove = getattr(self.save_handler, "remove", None)
+        if not callable(remove):
+            return
+        try:
+            remove(filename)
+        except Exception as err:  # the new checkpoint is safe; an extra old file is the lesser harm
+            logger.warning("could not remove evicted checkpoint %r: %s", filename, err)
+            warnings.warn(f"could not remove evicted checkpoint {filename!r}: {err}", RuntimeWarning, stacklevel=4)
+
+    def _setup_checkpoint(self) -> dict[str, Any]:
+        zero = _zero_optimizer_class()
+        rank = distributed.get_rank()
+
+        def state_of(obj: Any) -> Any:
+            if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+                obj = obj.module
+            elif zero is not None and isinstance(obj, zero):
+                obj.consolidate_state_dict(to=self.save_on_rank)
+                if rank != self.save_on_rank:
+                    return {}
+            return obj.state_dict()
+
+        return dict(tree_map(state_of, self.to_save))
+
+    def _check_lt_n_saved(self) -> bool:
+        return self.n_saved is None or len(self._saved) < self.n_saved
+
+    def _compare_fn(self, new: Any) -> bool:
+        if self.greater_or_equal:
+            return bool(new >= self._saved[0].priority)
+        return bool(new > self._saved[0].priority)
+
+    # ------------------------------------------------------------------------------------ state and helpers
+    @property
+    def last_checkpoint(self) -> str | Path | None:
+        """The highest-priority kept filename (a ``Path`` for ``DiskSaver``), ``None`` when nothing is kept."""
+        if not self._saved:
+            return None
+        filename = self._saved[-1].filename
+        if isinstance(self.save_handler, DiskSaver):
+            return self.save_handler.dirname / filename
+        return filename
+
+    def state_dict(self) -> dict[str, list[tuple[Any, str]]]:
+        """The kept list as ``{"_saved": [(priority, filename), ...]}``, lowest priority first."""
+        return {"_saved": [(p, f) for p, f in self._saved]}
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Replace the kept list with the one in ``state_dict`` (sorted by priority)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Argument state_dict should be a dictionary, but given {type(state_dict)}")
+        if "_saved" not in state_dict:
+            raise ValueError(
+                f"Required state attribute '_saved' is absent in provided state_dict '{list(state_dict.keys())}'"
+            )
+        items = [Checkpoint.Item(p, f) for p, f in state_dict["_saved"]]
+        self._saved = sorted(items, key=lambda item: item.priority)
+
+    def reset(self) -> None:
+        """Forget the kept list; stored checkpoints are not deleted."""
+        self._saved = []
+
+    @staticmethod
+    def setup_filename_pattern(
+        with_prefix: bool = True, with_score: bool = True, with_score_name: bool = True, with_global_step: bool = True
+    ) -> str:
+        """The default filename pattern, e.g. ``"{filename_prefix}_{name}_{global_step}_{score_name}={score}.{ext}"``.
+
+        Example:
+            >>> Checkpoint.setup_filename_pattern(with_prefix=False, with_score_name=False)
+            '{name}_{global_step}_{score}.{ext}'
+        """
+        if not (with_global_step or with_score):
+            raise ValueError("At least one of with_score and with_global_step should be True.")
+        pattern = "{name}"
+        if with_global_step:
+            pattern += "_{global_step}"
+        if with_score_name and with_score:
+            pattern += "_{score_name}={score}"
+        elif with_score:
+            pattern += "_{score}"
+        elif with_score_name:
+            raise ValueError("If with_score_name is True, with_score should be also True")
+        if with_prefix:
+            pattern = "{filename_prefix}_" + pattern
+        return pattern + ".{ext}"
+
+    @staticmethod
+    def get_default_score_fn(metric_name: str, score_sign: float = 1.0) -> Callable[[Any], float]:
+        """A score function reading ``engine.state.metrics[metric_name]`` (times ``score_sign``, 1 or -1).
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> fn = Checkpoint.get_default_score_fn("loss", -1.0)
+            >>> fn(SimpleNamespace(state=SimpleNamespace(metrics={"loss": 0.25})))
+            -0.25
+        """
+        if score_sign not in (1.0, -1.0):
+            raise ValueError(f"Argument score_sign should be 1 or -1, but given {score_sign!r}")
+
+        def score_fn(engine: Any) -> float:
+            return score_sign * engine.state.metrics[metric_name]
+
+        return score_fn
+
+    @staticmethod
+    def load_objects(
+        to_load: Mapping,
+        checkpoint: Mapping | str | Path,
+        *,
+        map_location: Any = "cpu",
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Call ``load_state_dict`` on every object of ``to_load`` with its state from ``checkpoint``.
+
+        Args:
+            to_load: objects to restore, e.g. ``{"model": model, "optimizer": optimizer}``.
+            checkpoint: a loaded checkpoint mapping, a local path, or a URL (``s3://bucket/key``, ...).
+            map_location: where tensors of a path/URL checkpoint go (default CPU).
+            weights_only: ``torch.load``'s safe unpickler (default); pass ``False`` only for files you trust.
+            **kwargs: forwarded to ``nn.Module.load_state_dict`` (e.g. ``strict=False``).
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> Checkpoint.load_objects({"model": model}, {"model": torch.nn.Linear(2, 1).state_dict()})
+        """
+        if not isinstance(checkpoint, (Mapping, str, Path)):
+            raise TypeError(
+                f"Argument checkpoint should be a string, a path or a dictionary, but given {type(checkpoint)}"
+            )
+        if not isinstance(to_load, Mapping):
+            raise TypeError(f"Argument `to_load` should be a dictionary, but given {type(to_load)}")
+        Checkpoint._check_objects(to_load, "load_state_dict", "to_load")
+        if isinstance(checkpoint, (str, Path)):
+            from ckptcloud.urls import load_checkpoint
+
+            checkpoint = load_checkpoint(checkpoint, map_location=map_location, weights_only=weights_only)
+
+        def load_one(obj: Any, state: Any) -> None:
+            if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+                obj = obj.module
+            if isinstance(obj, nn.Module):
+                obj.load_state_dict(state, **kwargs)
+            else:
+                obj.load_state_dict(state)
+
+        if len(to_load) == 1:
+            key, obj = next(iter(to_load.items()))
+            if key not in checkpoint:
+                load_one(obj, checkpoint)
+                return
+        tree_apply2(load_one, to_load, checkpoint)
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return isinstance(value, numbers.Real) and math.isnan(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _accepts_metadata(handler: Any) -> bool:
+    """Decide once whether ``handler(checkpoint, filename, metadata)`` is a valid call."""
+    if is_save_handler(handler):
+        return True
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return True
+    params = list(signature.parameters.values())
+    if "metadata" in signature.parameters or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+def _zero_optimizer_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:
+        return None
+    return ZeroRedundancyOptimizer
+
+
+def _fire_saved_event(engine: Any) -> None:
+    try:
+        from ignite.handlers.checkpoint import CheckpointEvents
+    except ImportError:
+        return
+    if not engine.has_registered_events(CheckpointEvents.SAVED_CHECKPOINT):
+        engine.register_events(*CheckpointEvents)
+    engine.fire_event(CheckpointEvents.SAVED_CHECKPOINT)

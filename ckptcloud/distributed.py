@@ -1,0 +1,97 @@
+"""The only module that knows about ranks, collectives and XLA (torch_xla is never imported here, only used
+when the program already imported it).
+
+Every rank calls a save handler; :func:`run_on_rank` runs the write on one rank and makes every rank return or
+raise together. :func:`to_cpu` is called on every rank because moving XLA tensors is a collective step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from ckptcloud._tree import tree_leaves, tree_map
+from ckptcloud.errors import RemoteSaveError
+
+T = TypeVar("T")
+
+
+def _xla_runtime() -> Any | None:
+    if "torch_xla" not in sys.modules:
+        return None
+    try:
+        import torch_xla.runtime as xr
+    except ImportError:
+        return None
+    return xr
+
+
+def _torch_distributed_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank: torch.distributed, else torch_xla (if imported), else 0."""
+    if _torch_distributed_ready():
+        return torch.distributed.get_rank()
+    xr = _xla_runtime()
+    if xr is not None:
+        return int(xr.global_ordinal())
+    return 0
+
+
+def get_world_size() -> int:
+    """Number of ranks: torch.distributed, else torch_xla (if imported), else 1."""
+    if _torch_distributed_ready():
+        return torch.distributed.get_world_size()
+    xr = _xla_runtime()
+    if xr is not None:
+        return int(xr.world_size())
+    return 1
+
+
+def _needs_move(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu"
+
+
+def to_cpu(obj: Any) -> Any:
+    """Return ``obj`` with every tensor that is not on the CPU (XLA, CUDA, ...) copied to the CPU.
+
+    Call it on every rank: for XLA tensors the pending graph is executed first, which all ranks must do together.
+    Returns ``obj`` itself when every tensor is already on the CPU.
+    """
+    leaves = tree_leaves(obj)
+    if not any(_needs_move(leaf) for leaf in leaves):
+        return obj
+    if any(isinstance(leaf, torch.Tensor) and leaf.device.type == "xla" for leaf in leaves):
+        xla = sys.modules.get("torch_xla")
+        if xla is not None and hasattr(xla, "sync"):
+            xla.sync()
+    return tree_map(lambda leaf: leaf.cpu() if _needs_move(leaf) else leaf, obj)
+
+
+def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
+    """Run ``fn`` on ``rank`` only; every rank returns, or raises, together.
+
+    On the writing rank ``fn``'s own exception propagates. With an initialized process group, the outcome is
+    broadcast from ``rank`` so the other ranks raise :class:`RemoteSaveError` naming it instead of returning as if
+    the write had succeeded. Returns ``fn()``'s result on ``rank`` and ``None`` elsewhere.
+    """
+    error: BaseException | None = None
+    result: T | None = None
+    if get_rank() == rank:
+        try:
+            result = fn()
+        except BaseException as err:
+            error = err
+    if get_world_size() > 1 and _torch_distributed_ready():
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(outcome, src=rank)
+        if error is None and outcome[0] is not None:
+            raise RemoteSaveError(f"{what} failed on rank {rank}: {outcome[0]}")
+    if error is not None:
+        raise error
+    return result

@@ -1,0 +1,20 @@
+"""The exceptions ckptcloud raises for its own failures.
+
+Everything else uses builtins: ``FileNotFoundError`` (no such bucket, key or folder), ``PermissionError``
+(access denied), ``ValueError``/``TypeError`` (bad arguments). Our own failures share one root so callers can
+catch them all.
+"""
+
+from __future__ import annotations
+
+
+class CkptcloudError(Exception):
+    """Root of every error that is ckptcloud's own (not a builtin)."""
+
+
+class UploadError(CkptcloudError):
+    """A save did not complete; nothing was published at the key and older checkpoints are untouched."""
+
+
+class RemoteSaveError(CkptcloudError):
+    """Raised on the ranks that did not upload when the writing rank's save failed."""

