@@ -1,0 +1,185 @@
+"""``RemoteSaver``: the one save handler for every object store, the front of the shared pipeline.
+
+rank gate -> tensors moved to CPU (every rank) -> ``torch.save`` into a ``PartWriter`` -> commit once or abort.
+``S3Saver``, ``GCSSaver`` and ``AzureBlobSaver`` are thin named constructors that pick the ``Store``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckptcloud import distributed, serialization
+from ckptcloud.handlers import BaseSaveHandler, check_filename
+from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+from ckptcloud.stores.base import MiB, Store
+
+DEFAULT_PART_SIZE = 16 * MiB
+DEFAULT_MAX_CONCURRENCY = 8
+MAX_CONCURRENCY_LIMIT = 64
+
+
+def _estimate_nbytes(obj: Any) -> int:
+    from ckptcloud._tree import tree_leaves
+
+    return sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+
+
+def normalize_prefix(prefix: Any) -> str:
+    """``prefix`` without leading/trailing slashes; refuses ``..``/``.`` segments."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"Argument `prefix` should be a str, but given {type(prefix)}")
+    stripped = prefix.strip("/")
+    if stripped and any(part in ("", ".", "..") for part in stripped.split("/")):
+        raise ValueError(f"Argument `prefix` should not contain '..', '.' or empty segments, but given {prefix!r}")
+    return stripped
+
+
+class RemoteSaver(BaseSaveHandler):
+    """Save handler over any :class:`~ckptcloud.stores.base.Store`: streaming, bounded-memory, all-or-nothing.
+
+    Args:
+        store: the bucket adapter.
+        prefix: folder-like key prefix for every checkpoint (``""`` for the bucket root).
+        part_size: bytes per uploaded part; raised automatically if a checkpoint would need too many parts.
+        max_concurrency: parts uploaded at once. Peak extra memory is ``(max_concurrency + 1) * part_size``.
+        require_empty: refuse a prefix that already holds ``*.pt`` objects.
+        save_on_rank: the one rank that uploads and deletes; every rank must call the handler.
+        tmp_dir: folder for the temporary file a load downloads into (default: the system temp folder).
+        **torch_save_kwargs: passed to ``torch.save``.
+
+    Example:
+        >>> import torch
+        >>> from ckptcloud.stores.memory import MemoryStore
+        >>> saver = RemoteSaver(MemoryStore("bucket"), "runs/1")
+        >>> saver({"w": torch.ones(3)}, "model_1.pt")
+        >>> saver.list(), saver.url("model_1.pt")
+        (['model_1.pt'], 'mem://bucket/runs/1/model_1.pt')
+        >>> saver.load("model_1.pt")["w"]
+        tensor([1., 1., 1.])
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        prefix: str = "",
+        *,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        require_empty: bool = True,
+        save_on_rank: int = 0,
+        tmp_dir: str | None = None,
+        **torch_save_kwargs: Any,
+    ) -> None:
+        limits = store.limits
+        if isinstance(part_size, bool) or not isinstance(part_size, int):
+            raise TypeError(f"Argument `part_size` should be an int, but given {type(part_size)}")
+        if not limits.min_part_size <= part_size <= limits.max_part_size or part_size % limits.part_alignment:
+            align = f" and a multiple of {limits.part_alignment}" if limits.part_alignment > 1 else ""
+            raise ValueError(
+                f"Argument `part_size` should be between {limits.min_part_size} and {limits.max_part_size} bytes"
+                f"{align} for {store.scheme}://, but given {part_size}"
+            )
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise TypeError(f"Argument `max_concurrency` should be an int, but given {type(max_concurrency)}")
+        if not 1 <= max_concurrency <= MAX_CONCURRENCY_LIMIT:
+            raise ValueError(
+                f"Argument `max_concurrency` should be between 1 and {MAX_CONCURRENCY_LIMIT}, "
+                f"but given {max_concurrency}"
+            )
+        self.store = store
+        self.prefix = normalize_prefix(prefix)
+        self.part_size = part_size
+        self.max_concurrency = max_concurrency
+        self.save_on_rank = save_on_rank
+        self.tmp_dir = tmp_dir
+        self.kwargs = torch_save_kwargs
+        if distributed.get_rank() == save_on_rank:
+            store.check_bucket()
+            if require_empty:
+                existing = self.list()
+                if existing:
+                    raise ValueError(
+                        f"Objects {existing[:10]} with extension '.pt' are already present under "
+                        f"{self.url('')}. If you want to use this prefix anyway, pass `require_empty=False`."
+                    )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(url={self.url('')!r}, part_size={self.part_size}, "
+            f"max_concurrency={self.max_concurrency}, save_on_rank={self.save_on_rank})"
+        )
+
+    def key(self, filename: str) -> str:
+        """The object key of ``filename``: ``prefix/filename``; ``filename`` cannot escape the prefix."""
+        check_filename(filename)
+        return f"{self.prefix}/{filename}" if self.prefix else filename
+
+    def url(self, filename: str) -> str:
+        """Full URL of ``filename``, e.g. ``s3://bucket/prefix/model_3.pt``."""
+        if filename == "":
+            return self.store.url(f"{self.prefix}/" if self.prefix else "")
+        return self.store.url(self.key(filename))
+
+    # ------------------------------------------------------------------------------------ save and remove
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        key = self.key(filename)
+        checkpoint = distributed.to_cpu(checkpoint)
+        distributed.run_on_rank(
+            self.save_on_rank, lambda: self._upload(checkpoint, key, metadata), f"saving {self.url(filename)}"
+        )
+
+    def _upload(self, checkpoint: Mapping, key: str, metadata: Mapping | None) -> None:
+        part_size = choose_part_size(self.store.limits, self.part_size, _estimate_nbytes(checkpoint))
+        writer = PartWriter(
+            self.store,
+            key,
+            part_size=part_size,
+            max_concurrency=self.max_concurrency,
+            metadata=_object_metadata(metadata),
+        )
+        try:
+            serialization.save(checkpoint, writer, **self.kwargs)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def remove(self, filename: str) -> None:
+        key = self.key(filename)
+        distributed.run_on_rank(self.save_on_rank, lambda: self.store.delete(key), f"removing {self.url(filename)}")
+
+    # ------------------------------------------------------------------------------------- read and list
+    def list(self) -> list[str]:
+        """Names of the ``*.pt`` checkpoints directly under the prefix, sorted."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        names = (info.key[len(base) :] for info in self.store.list(base))
+        return sorted(name for name in names if name.endswith(".pt") and "/" not in name)
+
+    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+        """Download ``filename`` into a temporary file and ``torch.load`` it (``weights_only=True`` by default).
+
+        Peak memory is the loaded checkpoint plus small download chunks: no second in-memory copy.
+        """
+        key = self.key(filename)
+        with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
+            download_to_file(
+                self.store, key, file, part_size=self.part_size, max_concurrency=self.max_concurrency
+            )
+            file.seek(0)
+            return serialization.load(file, map_location=map_location, weights_only=weights_only)
+
+
+def _object_metadata(metadata: Mapping | None) -> dict[str, str]:
+    """Retention metadata stored with the object (exact priority, not the 4-decimal filename text)."""
+    if not metadata:
+        return {}
+    out = {"ckptcloud-priority": repr(metadata.get("priority"))}
+    if metadata.get("score_name") is not None:
+        out["ckptcloud-score-name"] = str(metadata["score_name"])
+    if metadata.get("basename") is not None:
+        out["ckptcloud-basename"] = str(metadata["basename"])
+    return out

@@ -1,0 +1,1 @@
+"""Store adapters: one small module per object store, each speaking its SDK (see ``stores.base``)."""

@@ -1,0 +1,91 @@
+"""The store contract: what a cloud adapter implements. No buffering, no threads, no torch, no ranks here.
+
+The pipeline (``ckptcloud.streaming``) calls these methods from worker threads, so an adapter must be safe to
+call concurrently (SDK clients are). ``data`` handed to ``put``/``put_part`` is a ``memoryview`` valid only for
+the duration of the call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Part-size rules of one store, as data: the pipeline sizes parts with them."""
+
+    min_part_size: int
+    max_part_size: int
+    max_parts: int
+    part_alignment: int = 1
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: key (relative to the bucket), size in bytes, last-modified timestamp, user metadata."""
+
+    key: str
+    size: int
+    last_modified: float | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class Store(ABC):
+    """One bucket (or container) of one object store.
+
+    Writes are all-or-nothing: an object appears only at ``put`` or ``complete``; ``abort`` leaves nothing.
+    """
+
+    scheme: ClassVar[str]
+    limits: ClassVar[StoreLimits]
+    bucket: str
+
+    def url(self, key: str) -> str:
+        """``scheme://bucket/key``."""
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    @abstractmethod
+    def check_bucket(self) -> None:
+        """Raise ``FileNotFoundError`` if the bucket does not exist, ``PermissionError`` if access is denied."""
+
+    @abstractmethod
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+        """Store ``data`` at ``key`` in one request (small objects)."""
+
+    @abstractmethod
+    def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
+        """Start a multipart upload to ``key``; returns an opaque upload handle."""
+
+    @abstractmethod
+    def put_part(self, upload: Any, number: int, data: memoryview) -> Any:
+        """Upload part ``number`` (1-based); returns an opaque token that ``complete`` needs."""
+
+    @abstractmethod
+    def complete(self, upload: Any, parts: list[Any]) -> None:
+        """Publish the object from the part tokens, in order. The object appears whole, atomically."""
+
+    @abstractmethod
+    def abort(self, upload: Any) -> None:
+        """Discard an upload and its parts; nothing appears at the key."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Size of the object at ``key``; ``FileNotFoundError`` if there is none."""
+
+    @abstractmethod
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Stream bytes ``[start, end)`` of ``key`` (``end=None``: to the end) as chunks."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; a key that is already gone is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix``."""

@@ -1,0 +1,109 @@
+"""An in-process store with S3-like multipart semantics: for unit tests, the contract suite and examples."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
+
+
+@dataclass
+class _Upload:
+    key: str
+    metadata: dict[str, str]
+    parts: dict[int, bytes] = field(default_factory=dict)
+
+
+class MemoryStore(Store):
+    """Objects in a dict. Incomplete uploads are kept (and listable) until completed or aborted, like S3.
+
+    Example:
+        >>> store = MemoryStore("bucket")
+        >>> store.put("a.pt", memoryview(b"abc"), {})
+        >>> [o.key for o in store.list("")]
+        ['a.pt']
+    """
+
+    scheme = "mem"
+    limits = StoreLimits(min_part_size=5 * MiB, max_part_size=5 * GiB, max_parts=10_000)
+
+    def __init__(self, bucket: str = "bucket", *, min_part_size: int | None = None) -> None:
+        self.bucket = bucket
+        if min_part_size is not None:
+            self.limits = StoreLimits(min_part_size, 5 * GiB, 10_000)
+        self.objects: dict[str, tuple[bytes, dict[str, str], float]] = {}
+        self.uploads: dict[str, _Upload] = {}
+        self.requests: list[str] = []
+        self._lock = threading.Lock()
+
+    def _log(self, op: str) -> None:
+        with self._lock:
+            self.requests.append(op)
+
+    def check_bucket(self) -> None:
+        self._log("check_bucket")
+
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+        self._log("put")
+        with self._lock:
+            self.objects[key] = (bytes(data), dict(metadata), time.time())
+
+    def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
+        self._log("begin")
+        upload_id = uuid.uuid4().hex
+        with self._lock:
+            self.uploads[upload_id] = _Upload(key, dict(metadata))
+        return upload_id
+
+    def put_part(self, upload: Any, number: int, data: memoryview) -> Any:
+        self._log("put_part")
+        with self._lock:
+            self.uploads[upload].parts[number] = bytes(data)
+        return number
+
+    def complete(self, upload: Any, parts: list[Any]) -> None:
+        self._log("complete")
+        with self._lock:
+            state = self.uploads.pop(upload)
+            sizes = [len(state.parts[n]) for n in parts]
+            if any(size < self.limits.min_part_size for size in sizes[:-1]):
+                raise ValueError(f"EntityTooSmall: part sizes {sizes}")
+            body = b"".join(state.parts[n] for n in parts)
+            self.objects[state.key] = (body, state.metadata, time.time())
+
+    def abort(self, upload: Any) -> None:
+        self._log("abort")
+        with self._lock:
+            self.uploads.pop(upload, None)
+
+    def size(self, key: str) -> int:
+        with self._lock:
+            if key not in self.objects:
+                raise FileNotFoundError(f"no object at {self.url(key)}")
+            return len(self.objects[key][0])
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        self._log("read")
+        with self._lock:
+            if key not in self.objects:
+                raise FileNotFoundError(f"no object at {self.url(key)}")
+            body = self.objects[key][0]
+        yield body[start:end]
+
+    def delete(self, key: str) -> None:
+        self._log("delete")
+        with self._lock:
+            self.objects.pop(key, None)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        with self._lock:
+            return [
+                ObjectInfo(key, len(body), mtime, meta)
+                for key, (body, meta, mtime) in sorted(self.objects.items())
+                if key.startswith(prefix)
+            ]

@@ -1,0 +1,250 @@
+"""The upload and download pipeline shared by every remote store: buffering, threads, the memory bound, abort.
+
+Upload (``PartWriter``): ``torch.save`` writes into a write-only stream. Bytes are copied into part buffers of
+``part_size`` taken from a pool of ``max_concurrency + 1`` buffers; a full buffer is uploaded by a worker thread
+and returns to the pool when its request ends. ``write`` blocks while every buffer is in flight, so::
+
+    peak extra memory <= (max_concurrency + 1) * part_size  (+ the SDKs' own small per-request buffers)
+
+No view of the caller's memory outlives a ``write`` call (``torch.save`` hands over each tensor as one memoryview
+of live memory). A stream that never fills a part is sent with one ``put``; otherwise the multipart upload begins
+with the first full part and is either completed once (``commit``) or aborted (``abort``, on any exception).
+
+Download (``download_to_file``): one streaming GET, or up to ``max_concurrency`` ranged GETs written with
+``os.pwrite`` into a file, so a load never holds a second in-memory copy of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, Any
+
+from ckptcloud.stores.base import Store, StoreLimits
+
+logger = logging.getLogger("ckptcloud")
+
+
+def choose_part_size(limits: StoreLimits, part_size: int, expected_size: int) -> int:
+    """``part_size``, raised (aligned) so that ``expected_size`` bytes fit in the store's part-count limit."""
+    needed = math.ceil(expected_size * 1.05 / limits.max_parts)
+    size = max(part_size, needed)
+    align = limits.part_alignment
+    size = math.ceil(size / align) * align
+    if size > limits.max_part_size:
+        raise ValueError(
+            f"a checkpoint of about {expected_size} bytes does not fit in {limits.max_parts} parts of at most "
+            f"{limits.max_part_size} bytes"
+        )
+    return size
+
+
+class PartWriter(io.RawIOBase):
+    """Write-only stream that uploads what is written to ``store`` at ``key`` in parts, with bounded memory.
+
+    Call :meth:`commit` after the last write, or :meth:`abort` on failure; nothing is visible at ``key`` before
+    ``commit`` returns.
+
+    Example:
+        >>> from ckptcloud.stores.memory import MemoryStore
+        >>> store = MemoryStore("bucket", min_part_size=4)
+        >>> w = PartWriter(store, "k", part_size=4, max_concurrency=2)
+        >>> _ = w.write(b"hello world")
+        >>> w.commit()
+        >>> b"".join(store.read("k"))
+        b'hello world'
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        *,
+        part_size: int,
+        max_concurrency: int,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._key = key
+        self._part_size = part_size
+        self._max_concurrency = max_concurrency
+        self._metadata = dict(metadata or {})
+        self._pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._buffers_made = 0
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._upload: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._futures: list[Future[Any]] = []
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = False
+        self.bytes_written = 0
+        self.parts = 0
+
+    # --------------------------------------------------------------------------------------- io.RawIOBase
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._done:
+            raise ValueError("write to a PartWriter that was committed or aborted")
+        view = memoryview(data).cast("B")
+        total = len(view)
+        pos = 0
+        while pos < total:
+            if self._buf is None:
+                self._buf = self._take_buffer()
+                self._fill = 0
+            take = min(self._part_size - self._fill, total - pos)
+            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self._part_size:
+                self._submit_part()
+        view.release()
+        self.bytes_written += total
+        return total
+
+    # ------------------------------------------------------------------------------------------ buffers
+    def _take_buffer(self) -> bytearray:
+        self._raise_if_failed()
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            pass
+        if self._buffers_made < self._max_concurrency + 1:
+            self._buffers_made += 1
+            return bytearray(self._part_size)
+        buf = self._pool.get()  # blocks until a part upload finishes: this is the memory bound
+        self._raise_if_failed()
+        return buf
+
+    def _raise_if_failed(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is not None:
+            raise error
+
+    def _submit_part(self) -> None:
+        assert self._buf is not None
+        if self._upload is None:
+            self._upload = self._store.begin(self._key, self._metadata)
+            self._executor = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="ckptcloud-part")
+        assert self._executor is not None
+        self.parts += 1
+        max_parts = self._store.limits.max_parts
+        if self.parts > max_parts:
+            raise ValueError(
+                f"checkpoint needs more than {max_parts} parts of {self._part_size} bytes: raise `part_size`"
+            )
+        buf, fill, number = self._buf, self._fill, self.parts
+        self._buf, self._fill = None, 0
+        self._futures.append(self._executor.submit(self._upload_part, number, buf, fill))
+
+    def _upload_part(self, number: int, buf: bytearray, fill: int) -> Any:
+        try:
+            with self._lock:
+                if self._error is not None or self._done:
+                    return None
+            view = memoryview(buf)[:fill] if fill < len(buf) else memoryview(buf)
+            with view:
+                return self._store.put_part(self._upload, number, view)
+        except BaseException as err:
+            with self._lock:
+                if self._error is None:
+                    self._error = err
+            raise
+        finally:
+            self._pool.put(buf)
+
+    # ---------------------------------------------------------------------------------- commit and abort
+    def commit(self) -> None:
+        """Upload what is left and publish the object, once. Raises the first part failure, if any."""
+        if self._done:
+            raise ValueError("PartWriter.commit called twice")
+        if self._upload is None:
+            view = memoryview(self._buf or b"")[: self._fill]
+            with view:
+                self._store.put(self._key, view, self._metadata)
+            self._finish()
+            return
+        if self._fill:
+            self._submit_part()
+        tokens = [future.result() for future in self._futures]
+        self._raise_if_failed()
+        self._store.complete(self._upload, tokens)
+        self._finish()
+
+    def abort(self) -> None:
+        """Stop, wait for running part requests, and discard the upload. Never raises."""
+        if self._done:
+            return
+        with self._lock:
+            self._done = True
+        for future in self._futures:
+            future.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        if self._upload is not None:
+            try:
+                self._store.abort(self._upload)
+            except Exception as err:  # the caller's error matters more; leftovers can be cleaned up later
+                logger.warning("could not abort the upload to %s: %s", self._store.url(self._key), err)
+        self._release()
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self._release()
+
+    def _release(self) -> None:
+        self._buf = None
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                break
+        self._futures.clear()
+
+
+def download_to_file(
+    store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int
+) -> int:
+    """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
+
+    One streaming GET when the object fits in one part or ``max_concurrency == 1``; otherwise at most
+    ``max_concurrency`` ranged GETs of equal size, each written at its offset with ``os.pwrite``.
+    """
+    size = store.size(key)
+    fd = file.fileno()
+    os.ftruncate(fd, size)
+    if size <= part_size or max_concurrency == 1:
+        ranges = [(0, size)]
+    else:
+        step = max(part_size, math.ceil(size / max_concurrency))
+        ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
+
+    def fetch(start: int, end: int) -> int:
+        offset = start
+        for chunk in store.read(key, start, end):
+            offset += os.pwrite(fd, chunk, offset)
+        if offset != end:
+            raise OSError(f"short read of {store.url(key)}: got bytes {start}..{offset}, expected ..{end}")
+        return offset - start
+
+    if len(ranges) == 1:
+        fetch(*ranges[0])
+    else:
+        with ThreadPoolExecutor(len(ranges), thread_name_prefix="ckptcloud-get") as executor:
+            for future in [executor.submit(fetch, s, e) for s, e in ranges]:
+                future.result()
+    return size
