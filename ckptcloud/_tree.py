@@ -42,7 +42,7 @@ def tree_apply2(func: Callable[[Any, Any], None], objects: Any, states: Any, pat
             raise ValueError(
                 f"Object '{path}' of `to_load` has {len(objects)} entries, the checkpoint does not match it"
             )
-        for i, (obj, state) in enumerate(zip(objects, states)):
+        for i, (obj, state) in enumerate(zip(objects, states, strict=True)):
             tree_apply2(func, obj, state, f"{path}[{i}]")
     else:
         func(objects, states)

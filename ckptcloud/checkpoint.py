@@ -89,9 +89,7 @@ class Checkpoint:
                 f"BaseSaveHandler, but given {type(save_handler)}"
             )
         if global_step_transform is not None and not callable(global_step_transform):
-            raise TypeError(
-                f"global_step_transform should be a function, got {type(global_step_transform)} instead."
-            )
+            raise TypeError(f"global_step_transform should be a function, got {type(global_step_transform)} instead.")
         if n_saved is not None and (isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1):
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}")
 
@@ -305,7 +303,10 @@ class Checkpoint:
 
     @staticmethod
     def setup_filename_pattern(
-        with_prefix: bool = True, with_score: bool = True, with_score_name: bool = True, with_global_step: bool = True
+        with_prefix: bool = True,
+        with_score: bool = True,
+        with_score_name: bool = True,
+        with_global_step: bool = True,
     ) -> str:
         """The default filename pattern, e.g. ``"{filename_prefix}_{name}_{global_step}_{score_name}={score}.{ext}"``.
 

@@ -14,8 +14,8 @@ import torch
 
 from ckptcloud import distributed, serialization
 from ckptcloud.handlers import BaseSaveHandler, check_filename
-from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
 from ckptcloud.stores.base import MiB, Store
+from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
 
 DEFAULT_PART_SIZE = 16 * MiB
 DEFAULT_MAX_CONCURRENCY = 8
@@ -144,8 +144,11 @@ class RemoteSaver(BaseSaveHandler):
         try:
             serialization.save(checkpoint, writer, **self.kwargs)
             writer.commit()
-        except BaseException:
+        except BaseException as err:
             writer.abort()
+            cause = writer.failure
+            if cause is not None and cause is not err:
+                raise cause from None  # torch.save masks exceptions raised inside write()
             raise
 
     def remove(self, filename: str) -> None:
@@ -166,9 +169,7 @@ class RemoteSaver(BaseSaveHandler):
         """
         key = self.key(filename)
         with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
-            download_to_file(
-                self.store, key, file, part_size=self.part_size, max_concurrency=self.max_concurrency
-            )
+            download_to_file(self.store, key, file, part_size=self.part_size, max_concurrency=self.max_concurrency)
             file.seek(0)
             return serialization.load(file, map_location=map_location, weights_only=weights_only)
 

@@ -93,7 +93,26 @@ class PartWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The first exception raised by a write or a part upload.
+
+        ``torch.save`` replaces an exception raised inside ``write`` by its own ``RuntimeError``; callers re-raise
+        this one instead so the user sees the real cause.
+        """
+        with self._lock:
+            return self._error
+
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            return self._write(data)
+        except BaseException as err:
+            with self._lock:
+                if self._error is None:
+                    self._error = err
+            raise
+
+    def _write(self, data: bytes | bytearray | memoryview) -> int:
         if self._done:
             raise ValueError("write to a PartWriter that was committed or aborted")
         view = memoryview(data).cast("B")
@@ -216,9 +235,7 @@ class PartWriter(io.RawIOBase):
         self._futures.clear()
 
 
-def download_to_file(
-    store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int
-) -> int:
+def download_to_file(store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int) -> int:
     """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
 
     One streaming GET when the object fits in one part or ``max_concurrency == 1``; otherwise at most

@@ -44,9 +44,7 @@ def _saver_class(scheme: str) -> Any:
     try:
         importlib.import_module(sdk)
     except ImportError as err:
-        raise ImportError(
-            f"{scheme}:// URLs need the {sdk} package: pip install ckptcloud[{extra}]"
-        ) from err
+        raise ImportError(f"{scheme}:// URLs need the {sdk} package: pip install ckptcloud[{extra}]") from err
     return getattr(importlib.import_module(module_name), class_name)
 
 

@@ -11,7 +11,14 @@ from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
 
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+}
 _GONE_UPLOAD = {"NoSuchUpload"}
 
 
@@ -193,9 +200,7 @@ class S3Saver(RemoteSaver):
         if not isinstance(bucket, str) or not bucket or "/" in bucket:
             raise ValueError(f"Argument `bucket` should be a bucket name without '/', but given {bucket!r}")
         if client is None:
-            client = make_s3_client(
-                endpoint_url=endpoint_url, region_name=region_name, max_concurrency=max_concurrency
-            )
+            client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=max_concurrency)
         super().__init__(
             S3Store(client, bucket, extra_args=extra_args),
             prefix,

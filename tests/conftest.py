@@ -1,0 +1,103 @@
+"""Shared fixtures: real S3 servers started by the suite (or given by the environment).
+
+Environment (all optional):
+- ``CKPTCLOUD_TEST_S3_ENDPOINT``: use this S3 server (e.g. MinIO from docker compose) instead of starting
+  moto_server; credentials then come from the usual ``AWS_*`` variables.
+- ``CKPTCLOUD_TEST_LARGE_S3_ENDPOINT``: the server for objects over 256 MiB instead of starting SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from ckptcloud.testing import servers
+
+# Test credentials for the local emulators; set before any boto3 client is made.
+if not os.environ.get("CKPTCLOUD_TEST_S3_ENDPOINT"):
+    os.environ["AWS_ACCESS_KEY_ID"] = "ckptcloud-test-key"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "ckptcloud-test-secret"
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    server: servers.Server | None  # None when the endpoint came from the environment
+
+    @property
+    def is_moto(self) -> bool:
+        return self.server is not None and self.server.name == "moto_server"
+
+    def client(self) -> object:
+        from ckptcloud.stores.s3 import make_s3_client
+
+        return make_s3_client(endpoint_url=self.url, region_name="us-east-1", max_concurrency=16)
+
+
+def _endpoint(env_var: str, start: object) -> Iterator[S3Endpoint]:
+    given = os.environ.get(env_var)
+    if given:
+        yield S3Endpoint(given, None)
+        return
+    server = start()  # type: ignore[operator]
+    try:
+        yield S3Endpoint(server.endpoint, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """moto_server for the session (or ``CKPTCLOUD_TEST_S3_ENDPOINT``)."""
+    yield from _endpoint("CKPTCLOUD_TEST_S3_ENDPOINT", servers.start_moto)
+
+
+@pytest.fixture(scope="session")
+def large_s3_endpoint() -> Iterator[S3Endpoint]:
+    """SeaweedFS for objects over 256 MiB (or ``CKPTCLOUD_TEST_LARGE_S3_ENDPOINT``)."""
+    yield from _endpoint("CKPTCLOUD_TEST_LARGE_S3_ENDPOINT", servers.start_seaweedfs)
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_endpoint: S3Endpoint) -> object:
+    return s3_endpoint.client()
+
+
+def _fresh_bucket(endpoint: S3Endpoint, client: object) -> Iterator[str]:
+    name = f"ckpt-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=name)  # type: ignore[attr-defined]
+    yield name
+    if endpoint.is_moto:
+        servers.reset_moto(endpoint.url)  # drops every bucket: keeps moto's memory flat across the session
+        return
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):  # type: ignore[attr-defined]
+        for obj in page.get("Contents", []):
+            client.delete_object(Bucket=name, Key=obj["Key"])  # type: ignore[attr-defined]
+    for key, upload_id in incomplete_uploads(client, name):
+        client.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload_id)  # type: ignore[attr-defined]
+    client.delete_bucket(Bucket=name)  # type: ignore[attr-defined]
+
+
+def incomplete_uploads(client: object, bucket: str) -> list[tuple[str, str]]:
+    response = client.list_multipart_uploads(Bucket=bucket)  # type: ignore[attr-defined]
+    return [(u["Key"], u["UploadId"]) for u in response.get("Uploads", [])]
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: S3Endpoint, s3_client: object) -> Iterator[str]:
+    """A new, empty bucket on the session's S3 server, for one test."""
+    yield from _fresh_bucket(s3_endpoint, s3_client)
+
+
+@pytest.fixture
+def large_s3_bucket(large_s3_endpoint: S3Endpoint) -> Iterator[tuple[str, object]]:
+    client = large_s3_endpoint.client()
+    for name in _fresh_bucket(large_s3_endpoint, client):
+        yield name, client
