@@ -137,12 +137,10 @@ def test_failure_after_k_parts_publishes_nothing_and_keeps_older_checkpoints(s3_
     old_bytes = object_bytes(s3_client, s3_bucket, "p/same.pt")
 
     original = S3Store.put_part
-    done = {"n": 0}
 
     def flaky(self, upload, number, data):
         if number > k:
-            raise exc("injected after %d parts" % k)
-        done["n"] += 1
+            raise exc(f"injected after {k} parts")
         return original(self, upload, number, data)
 
     monkeypatch.setattr(S3Store, "put_part", flaky)

@@ -16,7 +16,8 @@ class MemorySaver(BaseSaveHandler):
     """Stores payloads in ``files`` and records every call.
 
     ``calls`` holds ``(filename, metadata)`` for each ``__call__``; ``removed`` the filenames passed to ``remove``;
-    ``events`` both, in order, as ``("save", filename)`` / ``("remove", filename)``. Set ``fail_with`` to an
+    ``events`` both, in order, as ``("save", filename)`` / ``("remove", filename)``; ``history`` a copy of every
+    payload stored, as ``(filename, payload)``, including ones later removed or overwritten. Set ``fail_with`` to an
     exception to make the next saves raise it (after recording the call, before storing anything).
     """
 
@@ -25,6 +26,7 @@ class MemorySaver(BaseSaveHandler):
         self.calls: list[tuple[str, Any]] = []
         self.removed: list[str] = []
         self.events: list[tuple[str, str]] = []
+        self.history: list[tuple[str, Any]] = []
         self.fail_with: BaseException | None = None
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
@@ -33,6 +35,7 @@ class MemorySaver(BaseSaveHandler):
         if self.fail_with is not None:
             raise self.fail_with
         self.files[filename] = copy.deepcopy(checkpoint)
+        self.history.append((filename, copy.deepcopy(checkpoint)))
 
     def remove(self, filename: str) -> None:
         self.removed.append(filename)
