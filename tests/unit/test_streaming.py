@@ -1,0 +1,159 @@
+"""The shared upload/download pipeline with in-process stores: memory bound, all-or-nothing, one put when small."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+
+import pytest
+import torch
+
+from ckptcloud.remote import RemoteSaver
+from ckptcloud.stores.base import MiB, StoreLimits
+from ckptcloud.stores.memory import MemoryStore
+from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+
+PART = 64 * 1024
+
+
+class SlowStore(MemoryStore):
+    """Records the most part uploads in flight at once; each part takes a little while."""
+
+    def __init__(self) -> None:
+        super().__init__("bucket", min_part_size=PART)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gauge = threading.Lock()
+
+    def put_part(self, upload, number, data):
+        with self.gauge:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        time.sleep(0.005)
+        try:
+            return super().put_part(upload, number, data)
+        finally:
+            with self.gauge:
+                self.in_flight -= 1
+
+
+def test_buffers_and_parts_in_flight_never_exceed_the_bound():
+    store = SlowStore()
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=3)
+    payload = bytes(range(256)) * (PART * 40 // 256)
+    writer.write(memoryview(payload))  # one huge write, as torch.save does for a tensor
+    writer.commit()
+    assert writer._buffers_made <= 3 + 1
+    assert store.max_in_flight <= 3
+    assert store.objects["k"][0] == payload
+    assert store.requests.count("put_part") == 40
+
+
+def test_writer_keeps_no_view_of_caller_memory_after_write():
+    store = MemoryStore("bucket", min_part_size=PART)
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2)
+    source = bytearray(b"a" * (PART * 3 + 10))
+    writer.write(memoryview(source))
+    source[:] = b"b" * len(source)  # training changes the weights right after the write
+    writer.commit()
+    assert store.objects["k"][0] == b"a" * (PART * 3 + 10)
+
+
+@pytest.mark.parametrize("size", [0, 1, PART - 1])
+def test_stream_smaller_than_a_part_is_one_put(size):
+    store = MemoryStore("bucket", min_part_size=PART)
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2)
+    writer.write(b"x" * size)
+    writer.commit()
+    assert store.requests == ["put"]
+    assert store.objects["k"][0] == b"x" * size
+
+
+def test_exactly_one_part_is_a_single_part_upload():
+    store = MemoryStore("bucket", min_part_size=PART)
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2)
+    writer.write(b"y" * PART)
+    writer.commit()
+    assert store.requests == ["begin", "put_part", "complete"]
+    assert store.objects["k"][0] == b"y" * PART
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])
+def test_failed_part_aborts_and_publishes_nothing(fail_at):
+    class Failing(MemoryStore):
+        def put_part(self, upload, number, data):
+            if number == fail_at:
+                raise ConnectionResetError(f"part {number} lost")
+            return super().put_part(upload, number, data)
+
+    store = Failing("bucket", min_part_size=PART)
+    store.put("k", memoryview(b"old"), {})
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2)
+    with pytest.raises(ConnectionResetError, match=f"part {fail_at} lost"):
+        for _ in range(8):
+            writer.write(b"z" * PART)
+        writer.commit()
+    writer.abort()
+    assert store.objects["k"][0] == b"old"
+    assert store.uploads == {}
+    assert "abort" in store.requests and "complete" not in store.requests
+
+
+def test_commit_twice_and_write_after_commit_are_errors():
+    writer = PartWriter(MemoryStore("bucket"), "k", part_size=5 * MiB, max_concurrency=1)
+    writer.write(b"abc")
+    writer.commit()
+    with pytest.raises(ValueError, match="twice"):
+        writer.commit()
+    with pytest.raises(ValueError, match="committed or aborted"):
+        writer.write(b"more")
+
+
+def test_part_size_grows_to_respect_the_part_count_limit():
+    limits = StoreLimits(min_part_size=5 * MiB, max_part_size=5 * 1024 * MiB, max_parts=10_000, part_alignment=1)
+    assert choose_part_size(limits, 8 * MiB, 1024 * MiB) == 8 * MiB
+    grown = choose_part_size(limits, 8 * MiB, 200 * 1024 * MiB)  # 200 GiB would need 25,600 parts of 8 MiB
+    assert grown * 10_000 >= 200 * 1024 * MiB
+    aligned = StoreLimits(256 * 1024, 5 * 1024 * MiB, 100, part_alignment=256 * 1024)
+    assert choose_part_size(aligned, 256 * 1024, 100 * MiB) % (256 * 1024) == 0
+    with pytest.raises(ValueError, match="does not fit"):
+        choose_part_size(StoreLimits(1, 10, 2), 5, 100)
+
+
+def test_too_many_parts_is_a_clear_error():
+    store = MemoryStore("bucket", min_part_size=1)
+    store.limits = StoreLimits(1, 1024, 3)
+    writer = PartWriter(store, "k", part_size=4, max_concurrency=1)
+    with pytest.raises(ValueError, match="more than 3 parts.*`part_size`"):
+        writer.write(b"x" * 20)
+    writer.abort()
+    assert store.uploads == {} and "k" not in store.objects
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def test_download_to_file_reassembles_ranges(concurrency):
+    store = MemoryStore("bucket")
+    body = bytes(range(256)) * 4099
+    store.put("k", memoryview(body), {})
+    with tempfile.TemporaryFile() as file:
+        assert download_to_file(store, "k", file, part_size=1000, max_concurrency=concurrency) == len(body)
+        file.seek(0)
+        assert file.read() == body
+    reads = store.requests.count("read")
+    assert reads == (1 if concurrency == 1 else concurrency)
+
+
+def test_remote_saver_round_trip_and_metadata_on_memory_store():
+    store = MemoryStore("bucket")
+    saver = RemoteSaver(store, "/runs/a/", part_size=5 * MiB, max_concurrency=2)
+    state = {"w": torch.randn(3 * MiB), "step": 3}  # 12 MiB: multipart
+    saver(state, "model_3.pt", {"basename": "model", "score_name": "acc", "priority": 0.123456789})
+    assert saver.list() == ["model_3.pt"]
+    body, meta, _ = store.objects["runs/a/model_3.pt"]
+    assert meta == {"ckptcloud-priority": "0.123456789", "ckptcloud-score-name": "acc", "ckptcloud-basename": "model"}
+    back = saver.load("model_3.pt")
+    assert torch.equal(back["w"], state["w"]) and back["step"] == 3
+    assert (
+        repr(saver) == "RemoteSaver(url='mem://bucket/runs/a/', part_size=5242880, max_concurrency=2, save_on_rank=0)"
+    )
