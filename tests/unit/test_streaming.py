@@ -125,7 +125,7 @@ def test_too_many_parts_is_a_clear_error():
     store = MemoryStore("bucket", min_part_size=1)
     store.limits = StoreLimits(1, 1024, 3)
     writer = PartWriter(store, "k", part_size=4, max_concurrency=1)
-    with pytest.raises(ValueError, match="more than 3 parts.*`part_size`"):
+    with pytest.raises(ValueError, match=r"more than 3 parts.*`part_size`"):
         writer.write(b"x" * 20)
     writer.abort()
     assert store.uploads == {} and "k" not in store.objects
@@ -150,7 +150,7 @@ def test_remote_saver_round_trip_and_metadata_on_memory_store():
     state = {"w": torch.randn(3 * MiB), "step": 3}  # 12 MiB: multipart
     saver(state, "model_3.pt", {"basename": "model", "score_name": "acc", "priority": 0.123456789})
     assert saver.list() == ["model_3.pt"]
-    body, meta, _ = store.objects["runs/a/model_3.pt"]
+    _, meta, _ = store.objects["runs/a/model_3.pt"]
     assert meta == {"ckptcloud-priority": "0.123456789", "ckptcloud-score-name": "acc", "ckptcloud-basename": "model"}
     back = saver.load("model_3.pt")
     assert torch.equal(back["w"], state["w"]) and back["step"] == 3
