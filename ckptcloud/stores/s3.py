@@ -145,14 +145,21 @@ class S3Store(Store):
 def make_s3_client(
     *, endpoint_url: str | None = None, region_name: str | None = None, max_concurrency: int = 10
 ) -> Any:
-    """A boto3 S3 client from the standard credential chain (env, profile, SSO, instance/role)."""
+    """A boto3 S3 client from the standard credential chain (env, profile, SSO, instance/role).
+
+    A custom endpoint (argument, or boto3's ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) gets path-style
+    addressing, which MinIO, SeaweedFS and most S3-compatible servers need.
+    """
+    import os
+
     import boto3
     from botocore.config import Config
 
+    custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         max_pool_connections=max(10, max_concurrency + 2),
         retries={"mode": "standard", "max_attempts": 5},
-        s3={"addressing_style": "path"} if endpoint_url else None,
+        s3={"addressing_style": "path"} if custom_endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
 

@@ -1,0 +1,7 @@
+"""``python -m ckptcloud``."""
+
+import sys
+
+from ckptcloud.cli import main
+
+sys.exit(main())
