@@ -18,12 +18,12 @@ import inspect
 import logging
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
 from ckptcloud import distributed
@@ -33,6 +33,15 @@ from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
 logger = logging.getLogger("ckptcloud")
 
 SaveHandler = Callable[..., Any]
+
+
+class _SavedCheckpointEvent:
+    """``Checkpoint.SAVED_CHECKPOINT``: ignite's event, looked up on first use so ignite is not imported early."""
+
+    def __get__(self, instance: object, owner: type) -> Any:
+        from ignite.handlers.checkpoint import CheckpointEvents
+
+        return CheckpointEvents.SAVED_CHECKPOINT
 
 
 class Checkpoint:
@@ -52,6 +61,8 @@ class Checkpoint:
         >>> [filename for _, filename in ckpt.state_dict()["_saved"]]
         ['model_3_val_acc=0.7000.pt', 'model_2_val_acc=0.9000.pt']
     """
+
+    SAVED_CHECKPOINT: Any = _SavedCheckpointEvent()
 
     class Item(NamedTuple):
         """One kept checkpoint: its priority (score or step) and filename."""
@@ -108,7 +119,7 @@ class Checkpoint:
         self.greater_or_equal = greater_or_equal
         self.save_on_rank = save_on_rank
         self._saved: list[Checkpoint.Item] = []
-        self._handler_takes_metadata = _accepts_metadata(self.save_handler)
+        self._metadata_mode = _metadata_mode(self.save_handler)
         self._warned_nan = False
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -227,8 +238,10 @@ class Checkpoint:
             payload["checkpointer"] = {"_saved": [(p, f) for p, f in kept]}
 
         # Write first: if this raises, nothing below runs and nothing has changed.
-        if self._handler_takes_metadata:
+        if self._metadata_mode == "positional":
             self.save_handler(payload, filename, metadata)
+        elif self._metadata_mode == "keyword":
+            self.save_handler(payload, filename, metadata=metadata)
         else:
             self.save_handler(payload, filename)
         self._saved = kept
@@ -239,11 +252,10 @@ class Checkpoint:
         return filename
 
     def _remove(self, filename: str) -> None:
-        remove = getattr(self.save_handler, "remove", None)
-        if not callable(remove):
-            return
+        if not is_save_handler(self.save_handler):
+            return  # like ignite: plain callables are never asked to delete anything
         try:
-            remove(filename)
+            self.save_handler.remove(filename)
         except Exception as err:  # the new checkpoint is safe; an extra old file is the lesser harm
             logger.warning("could not remove evicted checkpoint %r: %s", filename, err)
             warnings.warn(f"could not remove evicted checkpoint {filename!r}: {err}", RuntimeWarning, stacklevel=4)
@@ -274,12 +286,13 @@ class Checkpoint:
     # ------------------------------------------------------------------------------------ state and helpers
     @property
     def last_checkpoint(self) -> str | Path | None:
-        """The highest-priority kept filename (a ``Path`` for ``DiskSaver``), ``None`` when nothing is kept."""
+        """The highest-priority kept filename (a ``Path`` for a ``DiskSaver``), ``None`` when nothing is kept."""
         if not self._saved:
             return None
         filename = self._saved[-1].filename
-        if isinstance(self.save_handler, DiskSaver):
-            return self.save_handler.dirname / filename
+        dirname = getattr(self.save_handler, "dirname", None)
+        if isinstance(dirname, Path):  # ckptcloud's or ignite's DiskSaver
+            return dirname / filename
         return filename
 
     def state_dict(self) -> dict[str, list[tuple[Any, str]]]:
@@ -405,29 +418,30 @@ def _is_nan(value: Any) -> bool:
         return False
 
 
-def _accepts_metadata(handler: Any) -> bool:
-    """Decide once whether ``handler(checkpoint, filename, metadata)`` is a valid call."""
-    if is_save_handler(handler):
-        return True
+def _metadata_mode(handler: Any) -> str:
+    """Decide once, from the signature, how ``handler`` takes ``metadata``: positional, keyword or not at all."""
     try:
         signature = inspect.signature(handler)
     except (TypeError, ValueError):
-        return True
+        return "positional"
     params = list(signature.parameters.values())
-    if "metadata" in signature.parameters or any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
+    meta = signature.parameters.get("metadata")
+    if meta is not None and meta.kind is meta.KEYWORD_ONLY:
+        return "keyword"
+    if meta is not None or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return "positional"
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3
+    if len(positional) >= 3:
+        return "positional"
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return "keyword"
+    return "none"
 
 
 def _zero_optimizer_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:
-        return None
-    return ZeroRedundancyOptimizer
+    """``ZeroRedundancyOptimizer`` if the program imported it (a ZeRO optimizer in ``to_save`` implies it)."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
 
 
 def _fire_saved_event(engine: Any) -> None:

@@ -30,6 +30,8 @@ def split_url(url: str) -> tuple[str, str, str]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(f"file:// URLs need an absolute path, e.g. 'file:///abs/dir', but given {url!r}")
         return scheme, "", unquote(parts.path)
     if scheme not in _SCHEMES:
         known = ", ".join(f"{s}://" for s in [*sorted(_SCHEMES), "file"])
