@@ -3,6 +3,8 @@
 from ckptcloud.checkpoint import Checkpoint
 from ckptcloud.errors import CkptcloudError, RemoteSaveError, UploadError
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
+from ckptcloud.remote import RemoteSaver
+from ckptcloud.stores.s3 import S3Saver
 from ckptcloud.urls import load_checkpoint, saver_from_url
 
 __all__ = [
@@ -11,6 +13,8 @@ __all__ = [
     "CkptcloudError",
     "DiskSaver",
     "RemoteSaveError",
+    "RemoteSaver",
+    "S3Saver",
     "UploadError",
     "load_checkpoint",
     "saver_from_url",
