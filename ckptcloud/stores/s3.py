@@ -152,8 +152,11 @@ def make_s3_client(
     """
     import os
 
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as err:
+        raise ImportError("S3Saver needs boto3: pip install ckptcloud[s3]") from err
 
     custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
