@@ -101,3 +101,80 @@ def large_s3_bucket(large_s3_endpoint: S3Endpoint) -> Iterator[tuple[str, object
     client = large_s3_endpoint.client()
     for name in _fresh_bucket(large_s3_endpoint, client):
         yield name, client
+
+
+# --------------------------------------------------------------------------------------------- GCS and Azure
+@dataclass
+class Emulator:
+    url: str
+    server: servers.Server | None  # None when the endpoint came from the environment
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[Emulator]:
+    """fake-gcs-server for the session (or ``CKPTCLOUD_TEST_GCS_ENDPOINT``, e.g. from docker compose)."""
+    given = os.environ.get("CKPTCLOUD_TEST_GCS_ENDPOINT")
+    if given:
+        yield Emulator(given, None)
+        return
+    server = servers.start_fake_gcs()
+    try:
+        yield Emulator(server.endpoint, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_client(gcs_endpoint: Emulator) -> object:
+    """An anonymous google-cloud-storage client pointed at the emulator."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    return storage.Client(
+        project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_endpoint.url}
+    )
+
+
+@pytest.fixture
+def gcs_bucket(gcs_client: object) -> Iterator[str]:
+    """A new, empty GCS bucket on the emulator, for one test (deleted with its objects afterwards)."""
+    name = f"ckpt-{uuid.uuid4().hex[:16]}"
+    bucket = gcs_client.create_bucket(name)  # type: ignore[attr-defined]
+    yield name
+    for blob in gcs_client.list_blobs(name):  # type: ignore[attr-defined]
+        blob.delete()
+    bucket.delete()
+
+
+@pytest.fixture(scope="session")
+def azure_endpoint() -> Iterator[Emulator]:
+    """Azurite for the session; ``url`` is a connection string (or ``CKPTCLOUD_TEST_AZURE_CONNECTION_STRING``)."""
+    given = os.environ.get("CKPTCLOUD_TEST_AZURE_CONNECTION_STRING")
+    if given:
+        yield Emulator(given, None)
+        return
+    server = servers.start_azurite()
+    try:
+        yield Emulator(server.extra["connection_string"], server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azure_service(azure_endpoint: Emulator) -> object:
+    """A ``BlobServiceClient`` on the emulator (API version Azurite 3.35 accepts)."""
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient.from_connection_string(azure_endpoint.url, api_version=AZURITE_API_VERSION)
+
+
+AZURITE_API_VERSION = "2025-11-05"
+
+
+@pytest.fixture
+def azure_container(azure_service: object) -> Iterator[str]:
+    """A new, empty container on Azurite for one test (deleted afterwards)."""
+    name = f"ckpt-{uuid.uuid4().hex[:16]}"
+    azure_service.create_container(name)  # type: ignore[attr-defined]
+    yield name
+    azure_service.delete_container(name)  # type: ignore[attr-defined]

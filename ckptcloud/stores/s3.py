@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, RemoteSaver
-from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits, bytes_like
 
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -20,13 +20,6 @@ _DENIED = {
     "AllAccessDisabled",
 }
 _GONE_UPLOAD = {"NoSuchUpload"}
-
-
-def _body(data: memoryview) -> bytes | bytearray:
-    """boto3 takes bytes/bytearray, not memoryview: pass the pipeline's whole buffer as is, copy a short tail."""
-    if isinstance(data.obj, bytearray) and data.nbytes == len(data.obj):
-        return data.obj
-    return data.tobytes()
 
 
 class S3Store(Store):
@@ -73,7 +66,7 @@ class S3Store(Store):
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
         with self._errors("put", key):
             self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=_body(data), Metadata=dict(metadata), **self.extra_args
+                Bucket=self.bucket, Key=key, Body=bytes_like(data), Metadata=dict(metadata), **self.extra_args
             )
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
@@ -87,7 +80,7 @@ class S3Store(Store):
         key, upload_id = upload
         with self._errors(f"uploading part {number}", key):
             response = self.client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_body(data)
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=bytes_like(data)
             )
         part = {"PartNumber": number, "ETag": response["ETag"]}
         part.update({k: v for k, v in response.items() if k.startswith("Checksum") and k != "ChecksumType"})

