@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(bash scripts/bootstrap.sh dev)
+# Azurite (Azure Blob emulator) from npm, pinned: 3.37+ needs Node 22.
+if [ ! -x .emulators/node_modules/.bin/azurite-blob ]; then
+  npm install --prefix .emulators --no-audit --no-fund --loglevel=error azurite@3.35.0 1>&2
+fi
 set +e
 "$py" -m pytest "$@"
 rc=$?
