@@ -7,6 +7,7 @@ rank gate -> tensors moved to CPU (every rank) -> ``torch.save`` into a ``PartWr
 from __future__ import annotations
 
 import tempfile
+from urllib.parse import quote
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,12 +176,15 @@ class RemoteSaver(BaseSaveHandler):
 
 
 def _object_metadata(metadata: Mapping | None) -> dict[str, str]:
-    """Retention metadata stored with the object (exact priority, not the 4-decimal filename text)."""
+    """Retention metadata stored with the object (the exact priority, not the 4-decimal filename text).
+
+    Keys are identifiers (Azure requires it) and values are percent-encoded ASCII (S3 and Azure require it).
+    """
     if not metadata:
         return {}
-    out = {"ckptcloud-priority": repr(metadata.get("priority"))}
-    if metadata.get("score_name") is not None:
-        out["ckptcloud-score-name"] = str(metadata["score_name"])
-    if metadata.get("basename") is not None:
-        out["ckptcloud-basename"] = str(metadata["basename"])
-    return out
+    fields = {
+        "ckptcloud_priority": repr(metadata.get("priority")),
+        "ckptcloud_score_name": metadata.get("score_name"),
+        "ckptcloud_basename": metadata.get("basename"),
+    }
+    return {key: quote(str(value), safe="") for key, value in fields.items() if value is not None}

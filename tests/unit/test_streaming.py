@@ -151,7 +151,7 @@ def test_remote_saver_round_trip_and_metadata_on_memory_store():
     saver(state, "model_3.pt", {"basename": "model", "score_name": "acc", "priority": 0.123456789})
     assert saver.list() == ["model_3.pt"]
     _, meta, _ = store.objects["runs/a/model_3.pt"]
-    assert meta == {"ckptcloud-priority": "0.123456789", "ckptcloud-score-name": "acc", "ckptcloud-basename": "model"}
+    assert meta == {"ckptcloud_priority": "0.123456789", "ckptcloud_score_name": "acc", "ckptcloud_basename": "model"}
     back = saver.load("model_3.pt")
     assert torch.equal(back["w"], state["w"]) and back["step"] == 3
     assert (

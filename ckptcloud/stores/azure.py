@@ -1,0 +1,238 @@
+"""Azure Blob Storage (and Azurite) over block blobs: blocks staged concurrently, one Put Block List publishes.
+
+``commit_block_list`` carries the metadata and makes the blob appear whole, atomically; a failed save never
+touches a blob already committed under the same name. Azure cannot delete uncommitted blocks, so ``abort`` sends
+nothing: abandoned blocks are never visible (not listed, not readable), are dropped by the next commit or put of
+the same name, and are garbage-collected by Azure after 7 days. Block ids are ``f"{upload_id}-{n:06d}"`` (the SDK
+base64-encodes them) with a random ``upload_id`` per upload: equal length, as Azure requires, never mixed across
+uploads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, RemoteSaver
+from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
+
+# Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
+# load to max_concurrency * 4 MiB in flight while keeping per-request latency a small share of the transfer.
+READ_CHUNK_SIZE = 4 * MiB
+MAX_BLOCK_SIZE = 4000 * MiB
+
+
+class AzureBlobStore(Store):
+    """One Azure container through a ``ContainerClient`` (thread-safe, shared by the block uploads).
+
+    Example:
+        >>> from azure.storage.blob import ContainerClient
+        >>> AzureBlobStore(ContainerClient("https://acct.blob.core.windows.net", "ckpts")).url("runs/a.pt")
+        'az://ckpts/runs/a.pt'
+    """
+
+    scheme = "az"
+    # Azure takes 1 byte .. 4000 MiB per block, 50,000 blocks. The 1 MiB floor keeps request counts sane (the
+    # pipeline raises part_size past 50,000 blocks); blocks over 4 MiB also get Azure's high-throughput path.
+    limits = StoreLimits(min_part_size=1 * MiB, max_part_size=MAX_BLOCK_SIZE, max_parts=50_000)
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.bucket = str(client.container_name)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, key: str = "") -> Iterator[None]:
+        """Translate SDK errors into builtins that name the container/blob (never credentials or SAS tokens)."""
+        from azure.core import exceptions as az
+
+        target = self.url(key) if key else f"az://{self.bucket}"
+        try:
+            yield
+        except az.HttpResponseError as err:
+            code, status = getattr(err, "error_code", None), err.status_code
+            code = str(getattr(code, "value", code) or status)
+            if code == "ContainerNotFound" or (status == 404 and not key):
+                raise FileNotFoundError(f"Azure container {self.bucket!r} does not exist ({what})") from err
+            if status == 404:
+                raise FileNotFoundError(f"no blob at {target} ({what})") from err
+            if status == 403 or isinstance(err, az.ClientAuthenticationError):
+                raise PermissionError(f"access denied to {target} ({what}): {code}") from err
+            raise
+        except (az.ServiceRequestError, az.ServiceResponseError) as err:  # its text may show a SAS URL: left out
+            raise ConnectionError(f"cannot reach the Azure endpoint for {target} ({what})") from err
+
+    def check_bucket(self) -> None:
+        with self._errors("checking the container"):
+            self.client.get_container_properties()
+
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+        # upload_blob needs bytes (it reads a bytearray/memoryview as an iterable of ints): one copy of an object
+        # smaller than part_size. max_concurrency=1: the SDK never starts threads of its own.
+        with self._errors("put", key):
+            self.client.upload_blob(key, data.tobytes(), overwrite=True, metadata=dict(metadata), max_concurrency=1)
+
+    def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
+        return self.client.get_blob_client(key), uuid.uuid4().hex, dict(metadata)
+
+    def put_part(self, upload: Any, number: int, data: memoryview) -> Any:
+        # The memoryview reaches the socket as is (requests -> urllib3 -> sendall): no copy, not even of the short
+        # last block. Measured on Azurite, 4 threads staging 16 MiB blocks: peak RSS +1 MiB, tracemalloc peak
+        # 0.2 MiB (with bytes(data): +65 MiB); ViewReader(data) copies nothing either but sent 25-40% slower.
+        blob, upload_id, _ = upload
+        block_id = f"{upload_id}-{number:06d}"
+        with self._errors(f"staging block {number}", blob.blob_name):
+            blob.stage_block(block_id, data, length=data.nbytes)
+        return block_id
+
+    def complete(self, upload: Any, parts: list[Any]) -> None:
+        blob, _, metadata = upload
+        with self._errors("committing the block list", blob.blob_name):
+            blob.commit_block_list(parts, metadata=metadata)
+
+    def abort(self, upload: Any) -> None:
+        """Nothing to send: Azure cannot delete uncommitted blocks; they stay invisible (see the module docstring)."""
+
+    def size(self, key: str) -> int:
+        with self._errors("reading the size", key):
+            return int(self.client.get_blob_client(key).get_blob_properties().size)
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return
+        blob = self.client.get_blob_client(key)
+        with self._errors("downloading", key):  # chunks of the client's max_chunk_get_size, pinned to one ETag
+            yield from blob.download_blob(start, None if end is None else end - start, max_concurrency=1).chunks()
+
+    def delete(self, key: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._errors("deleting", key):
+            try:
+                self.client.delete_blob(key)
+            except ResourceNotFoundError as err:
+                if getattr(err, "error_code", None) == "ContainerNotFound":
+                    raise
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        with self._errors("listing", prefix):
+            blobs = self.client.list_blobs(name_starts_with=prefix or None, include=["metadata"])
+            return [ObjectInfo(b.name, b.size, b.last_modified.timestamp(), dict(b.metadata or {})) for b in blobs]
+
+
+def make_container_client(
+    container: str,
+    connection_string: str | None = None,
+    account_url: str | None = None,
+    credential: Any = None,
+    api_version: str | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+) -> Any:
+    """A ``ContainerClient`` from ``connection_string``, else ``account_url`` + ``credential``, else the environment:
+    ``AZURE_STORAGE_CONNECTION_STRING``, then ``AZURE_STORAGE_ACCOUNT_URL`` (or ``AZURE_STORAGE_ACCOUNT``) with
+    ``DefaultAzureCredential``. ``api_version`` (or ``AZURE_STORAGE_API_VERSION``) pins the REST version.
+    """
+    try:
+        import requests
+        from azure.core.pipeline.transport import RequestsTransport
+        from azure.storage.blob import ContainerClient
+    except ImportError as err:
+        raise ImportError("AzureBlobSaver needs azure-storage-blob: pip install ckptcloud[azure]") from err
+
+    env = os.environ
+    if not connection_string and not account_url:
+        connection_string, account = env.get("AZURE_STORAGE_CONNECTION_STRING"), env.get("AZURE_STORAGE_ACCOUNT")
+        account_url = env.get("AZURE_STORAGE_ACCOUNT_URL") or (account and f"https://{account}.blob.core.windows.net")
+    if not connection_string and not account_url:
+        raise ValueError(
+            "AzureBlobSaver needs `container_client`, `connection_string` or `account_url` (+ `credential`), or one "
+            "of AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_URL, AZURE_STORAGE_ACCOUNT in the environment"
+        )
+    session = requests.Session()  # requests pools 10 connections per host; the pipeline may run more threads
+    session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=max(10, max_concurrency + 2)))
+    session.mount("http://", session.adapters["https://"])
+    api_version = api_version or env.get("AZURE_STORAGE_API_VERSION")
+    options: dict[str, Any] = {
+        "transport": RequestsTransport(session=session),
+        "max_single_get_size": READ_CHUNK_SIZE,
+        "max_chunk_get_size": READ_CHUNK_SIZE,
+        "max_single_put_size": MAX_BLOCK_SIZE,  # put is always one Put Blob request
+        **({"api_version": api_version} if api_version else {}),
+    }
+    if connection_string:
+        return ContainerClient.from_connection_string(connection_string, container, credential=credential, **options)
+    if credential is None and "sig=" not in account_url:  # a SAS URL carries its own credential
+        try:
+            from azure.identity import DefaultAzureCredential
+        except ImportError as err:
+            raise ImportError(
+                "AzureBlobSaver with an account URL needs a credential: pass `credential=` (account key, SAS token or "
+                "azure.identity credential) or `pip install azure-identity` to use DefaultAzureCredential"
+            ) from err
+        credential = DefaultAzureCredential()
+    return ContainerClient(account_url, container, credential=credential, **options)
+
+
+class AzureBlobSaver(RemoteSaver):
+    """Save handler for Azure Blob Storage: blocks staged concurrently with bounded memory, one atomic commit.
+
+    Args:
+        container: an existing container.
+        prefix: blob-name prefix for every checkpoint.
+        container_client: a ready ``ContainerClient`` for ``container``; else one is made from ``connection_string``,
+            or ``account_url`` (may hold a SAS) + ``credential`` (default ``DefaultAzureCredential()``, from
+            azure-identity), or the environment (see :func:`make_container_client`). Credentials never appear in
+            a repr, a log line or an error message. A client you pass keeps its own settings (connection pool,
+            download chunk size ``max_chunk_get_size``; its first ranged GET is ``max_single_get_size``).
+        api_version: the storage REST version, e.g. ``"2025-11-05"`` for Azurite 3.35.
+        part_size: bytes per block, 1 MiB to 4000 MiB (raised automatically past 50,000 blocks).
+        max_concurrency: blocks in flight; peak extra memory is ``(max_concurrency + 1) * part_size``.
+        require_empty: refuse a prefix that already holds ``*.pt`` blobs.
+        save_on_rank: the rank that uploads and deletes.
+        tmp_dir: folder for the temporary file a load downloads into.
+        **torch_save_kwargs: passed to ``torch.save``.
+
+    Example:
+        >>> saver = AzureBlobSaver("ckpts", "runs/42", connection_string=conn_str)  # doctest: +SKIP
+        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        container: str,
+        prefix: str = "",
+        *,
+        container_client: Any = None,
+        connection_string: str | None = None,
+        account_url: str | None = None,
+        credential: Any = None,
+        api_version: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        require_empty: bool = True,
+        save_on_rank: int = 0,
+        tmp_dir: str | None = None,
+        **torch_save_kwargs: Any,
+    ) -> None:
+        if not isinstance(container, str) or not container or "/" in container:
+            raise ValueError(f"Argument `container` should be a container name without '/', but given {container!r}")
+        if container_client is None:
+            container_client = make_container_client(
+                container, connection_string, account_url, credential, api_version, max_concurrency
+            )
+        elif container_client.container_name != container:
+            raise ValueError(
+                f"Argument `container_client` is for container {container_client.container_name!r}, not {container!r}"
+            )
+        super().__init__(
+            AzureBlobStore(container_client),
+            prefix,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            require_empty=require_empty,
+            save_on_rank=save_on_rank,
+            tmp_dir=tmp_dir,
+            **torch_save_kwargs,
+        )
