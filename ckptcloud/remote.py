@@ -7,9 +7,9 @@ rank gate -> tensors moved to CPU (every rank) -> ``torch.save`` into a ``PartWr
 from __future__ import annotations
 
 import tempfile
-from urllib.parse import quote
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import torch
 
