@@ -4,14 +4,18 @@ from ckptcloud.checkpoint import Checkpoint
 from ckptcloud.errors import CkptcloudError, RemoteSaveError, UploadError
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
+from ckptcloud.stores.azure import AzureBlobSaver
+from ckptcloud.stores.gcs import GCSSaver
 from ckptcloud.stores.s3 import S3Saver
 from ckptcloud.urls import load_checkpoint, saver_from_url
 
 __all__ = [
+    "AzureBlobSaver",
     "BaseSaveHandler",
     "Checkpoint",
     "CkptcloudError",
     "DiskSaver",
+    "GCSSaver",
     "RemoteSaveError",
     "RemoteSaver",
     "S3Saver",
