@@ -100,11 +100,18 @@ class AzureBlobStore(Store):
             return int(self.client.get_blob_client(key).get_blob_properties().size)
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        if end is not None and end <= start:
-            return
+        # One ranged GET per READ_CHUNK_SIZE, whatever the client's own download settings (a client passed in may
+        # fetch 32 MiB at once), all pinned to the first chunk's ETag so an overwrite mid-load fails cleanly.
+        from azure.core import MatchConditions
+
         blob = self.client.get_blob_client(key)
-        with self._errors("downloading", key):  # chunks of the client's max_chunk_get_size, pinned to one ETag
-            yield from blob.download_blob(start, None if end is None else end - start, max_concurrency=1).chunks()
+        with self._errors("downloading", key):
+            end = int(blob.get_blob_properties().size) if end is None else end
+            pin: dict[str, Any] = {}
+            for offset in range(start, end, READ_CHUNK_SIZE):
+                stream = blob.download_blob(offset, min(READ_CHUNK_SIZE, end - offset), max_concurrency=1, **pin)
+                pin = pin or {"etag": stream.properties.etag, "match_condition": MatchConditions.IfNotModified}
+                yield stream.readall()
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
