@@ -18,3 +18,14 @@ class UploadError(CkptcloudError):
 
 class RemoteSaveError(CkptcloudError):
     """Raised on the ranks that did not upload when the writing rank's save failed."""
+
+
+class TransientError(CkptcloudError, ConnectionError):
+    """A failure worth retrying: 5xx, throttling (S3 ``SlowDown``, HTTP 429), connection resets, timeouts.
+
+    Store adapters raise it; the pipeline retries it (see ``ckptcloud.retry.Retry``).
+    """
+
+
+class IntegrityError(CkptcloudError):
+    """A stored checkpoint's bytes do not match the checksum recorded when it was saved; it was not unpickled."""

@@ -15,6 +15,7 @@ import torch
 
 from ckptcloud import distributed, serialization
 from ckptcloud.handlers import BaseSaveHandler, check_filename
+from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, Store
 from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
 
@@ -27,6 +28,13 @@ def _estimate_nbytes(obj: Any) -> int:
     from ckptcloud._tree import tree_leaves
 
     return sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+
+
+def check_bucket_name(name: Any, argument: str = "bucket") -> str:
+    """A bucket or container name: a non-empty string without ``/``."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"Argument `{argument}` should be a {argument} name without '/', but given {name!r}")
+    return name
 
 
 def normalize_prefix(prefix: Any) -> str:
@@ -50,6 +58,8 @@ class RemoteSaver(BaseSaveHandler):
         require_empty: refuse a prefix that already holds ``*.pt`` objects.
         save_on_rank: the one rank that uploads and deletes; every rank must call the handler.
         tmp_dir: folder for the temporary file a load downloads into (default: the system temp folder).
+        retry: how each request is retried on transient failures (default :class:`~ckptcloud.retry.Retry()`:
+            6 attempts, exponential backoff with jitter, 300 s per request at most).
         **torch_save_kwargs: passed to ``torch.save``.
 
     Example:
@@ -73,6 +83,7 @@ class RemoteSaver(BaseSaveHandler):
         require_empty: bool = True,
         save_on_rank: int = 0,
         tmp_dir: str | None = None,
+        retry: Retry | None = None,
         **torch_save_kwargs: Any,
     ) -> None:
         limits = store.limits
@@ -97,6 +108,7 @@ class RemoteSaver(BaseSaveHandler):
         self.max_concurrency = max_concurrency
         self.save_on_rank = save_on_rank
         self.tmp_dir = tmp_dir
+        self.retry = retry or Retry()
         self.kwargs = torch_save_kwargs
         if distributed.get_rank() == save_on_rank:
             store.check_bucket()
@@ -141,6 +153,7 @@ class RemoteSaver(BaseSaveHandler):
             part_size=part_size,
             max_concurrency=self.max_concurrency,
             metadata=_object_metadata(metadata),
+            retry=self.retry,
         )
         try:
             serialization.save(checkpoint, writer, **self.kwargs)

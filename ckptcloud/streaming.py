@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
+from ckptcloud.retry import Retry
 from ckptcloud.stores.base import Store, StoreLimits
 
 logger = logging.getLogger("ckptcloud")
@@ -69,8 +70,10 @@ class PartWriter(io.RawIOBase):
         part_size: int,
         max_concurrency: int,
         metadata: Mapping[str, str] | None = None,
+        retry: Retry | None = None,
     ) -> None:
         super().__init__()
+        self._retry = retry or Retry()
         self._store = store
         self._key = key
         self._part_size = part_size
@@ -88,6 +91,10 @@ class PartWriter(io.RawIOBase):
         self._done = False
         self.bytes_written = 0
         self.parts = 0
+
+    @property
+    def _url(self) -> str:
+        return self._store.url(self._key)
 
     # --------------------------------------------------------------------------------------- io.RawIOBase
     def writable(self) -> bool:
@@ -155,7 +162,9 @@ class PartWriter(io.RawIOBase):
     def _submit_part(self) -> None:
         assert self._buf is not None
         if self._upload is None:
-            self._upload = self._store.begin(self._key, self._metadata)
+            self._upload = self._retry.call(
+                lambda: self._store.begin(self._key, self._metadata), f"starting the upload to {self._url}"
+            )
             self._executor = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="ckptcloud-part")
         assert self._executor is not None
         self.parts += 1
@@ -175,7 +184,9 @@ class PartWriter(io.RawIOBase):
                     return None
             view = memoryview(buf)[:fill] if fill < len(buf) else memoryview(buf)
             with view:
-                return self._store.put_part(self._upload, number, view)
+                return self._retry.call(
+                    lambda: self._store.put_part(self._upload, number, view), f"part {number} of {self._url}"
+                )
         except BaseException as err:
             with self._lock:
                 if self._error is None:
@@ -192,14 +203,14 @@ class PartWriter(io.RawIOBase):
         if self._upload is None:
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
-                self._store.put(self._key, view, self._metadata)
+                self._retry.call(lambda: self._store.put(self._key, view, self._metadata), f"uploading {self._url}")
             self._finish()
             return
         if self._fill:
             self._submit_part()
         tokens = [future.result() for future in self._futures]
         self._raise_if_failed()
-        self._store.complete(self._upload, tokens)
+        self._retry.call(lambda: self._store.complete(self._upload, tokens), f"completing {self._url}")
         self._finish()
 
     def abort(self) -> None:
@@ -214,7 +225,7 @@ class PartWriter(io.RawIOBase):
             self._executor.shutdown(wait=True)
         if self._upload is not None:
             try:
-                self._store.abort(self._upload)
+                self._retry.call(lambda: self._store.abort(self._upload), f"aborting the upload to {self._url}")
             except Exception as err:  # the caller's error matters more; leftovers can be cleaned up later
                 logger.warning("could not abort the upload to %s: %s", self._store.url(self._key), err)
         self._release()
@@ -235,13 +246,17 @@ class PartWriter(io.RawIOBase):
         self._futures.clear()
 
 
-def download_to_file(store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int) -> int:
+def download_to_file(
+    store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int, retry: Retry | None = None
+) -> int:
     """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
 
     One streaming GET when the object fits in one part or ``max_concurrency == 1``; otherwise at most
     ``max_concurrency`` ranged GETs of equal size, each written at its offset with ``os.pwrite``.
     """
-    size = store.size(key)
+    retry = retry or Retry()
+    url = store.url(key)
+    size = retry.call(lambda: store.size(key), f"reading the size of {url}")
     fd = file.fileno()
     os.ftruncate(fd, size)
     if size <= part_size or max_concurrency == 1:
@@ -252,11 +267,16 @@ def download_to_file(store: Store, key: str, file: IO[bytes], *, part_size: int,
 
     def fetch(start: int, end: int) -> int:
         offset = start
-        for chunk in store.read(key, start, end):
-            offset += os.pwrite(fd, chunk, offset)
-        if offset != end:
-            raise OSError(f"short read of {store.url(key)}: got bytes {start}..{offset}, expected ..{end}")
-        return offset - start
+
+        def resume() -> None:  # a retry continues from the last byte written
+            nonlocal offset
+            for chunk in store.read(key, offset, end):
+                offset += os.pwrite(fd, chunk, offset)
+            if offset != end:
+                raise OSError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
+
+        retry.call(resume, f"downloading bytes {start}..{end} of {url}")
+        return end - start
 
     if len(ranges) == 1:
         fetch(*ranges[0])

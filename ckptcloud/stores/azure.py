@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, RemoteSaver
+from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
 
 # Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
@@ -194,12 +194,10 @@ class AzureBlobSaver(RemoteSaver):
             a repr, a log line or an error message. A client you pass keeps its own settings (connection pool,
             download chunk size ``max_chunk_get_size``; its first ranged GET is ``max_single_get_size``).
         api_version: the storage REST version, e.g. ``"2025-11-05"`` for Azurite 3.35.
-        part_size: bytes per block, 1 MiB to 4000 MiB (raised automatically past 50,000 blocks).
-        max_concurrency: blocks in flight; peak extra memory is ``(max_concurrency + 1) * part_size``.
-        require_empty: refuse a prefix that already holds ``*.pt`` blobs.
-        save_on_rank: the rank that uploads and deletes.
-        tmp_dir: folder for the temporary file a load downloads into.
-        **torch_save_kwargs: passed to ``torch.save``.
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
 
     Example:
         >>> saver = AzureBlobSaver("ckpts", "runs/42", connection_string=conn_str)  # doctest: +SKIP
@@ -216,30 +214,20 @@ class AzureBlobSaver(RemoteSaver):
         account_url: str | None = None,
         credential: Any = None,
         api_version: str | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        require_empty: bool = True,
-        save_on_rank: int = 0,
-        tmp_dir: str | None = None,
-        **torch_save_kwargs: Any,
+        **options: Any,
     ) -> None:
-        if not isinstance(container, str) or not container or "/" in container:
-            raise ValueError(f"Argument `container` should be a container name without '/', but given {container!r}")
+        check_bucket_name(container, "container")
         if container_client is None:
             container_client = make_container_client(
-                container, connection_string, account_url, credential, api_version, max_concurrency
+                container,
+                connection_string,
+                account_url,
+                credential,
+                api_version,
+                options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
             )
         elif container_client.container_name != container:
             raise ValueError(
                 f"Argument `container_client` is for container {container_client.container_name!r}, not {container!r}"
             )
-        super().__init__(
-            AzureBlobStore(container_client),
-            prefix,
-            part_size=part_size,
-            max_concurrency=max_concurrency,
-            require_empty=require_empty,
-            save_on_rank=save_on_rank,
-            tmp_dir=tmp_dir,
-            **torch_save_kwargs,
-        )
+        super().__init__(AzureBlobStore(container_client), prefix, **options)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, RemoteSaver
+from ckptcloud.remote import RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
 
 MAX_COMPOSE_SOURCES = 32
@@ -183,11 +183,13 @@ class GCSSaver(RemoteSaver):
 
     Args:
         bucket: an existing bucket.
+        prefix: object-name prefix for every checkpoint.
         client: a ready ``google.cloud.storage.Client`` (then ``project`` is ignored).
         project: project of the default client (bucket operations do not need one).
-        part_size: bytes per part, 256 KiB to 5 GiB in multiples of 256 KiB (raised automatically past 10,000 parts).
-        prefix, max_concurrency, require_empty, save_on_rank, tmp_dir, torch_save_kwargs: as :class:`RemoteSaver`;
-            peak extra memory is ``(max_concurrency + 1) * part_size``.
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
 
     Example:
         >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project")  # doctest: +SKIP
@@ -201,28 +203,13 @@ class GCSSaver(RemoteSaver):
         *,
         client: Any = None,
         project: str | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        require_empty: bool = True,
-        save_on_rank: int = 0,
-        tmp_dir: str | None = None,
-        **torch_save_kwargs: Any,
+        **options: Any,
     ) -> None:
-        if not isinstance(bucket, str) or not bucket or "/" in bucket:
-            raise ValueError(f"Argument `bucket` should be a bucket name without '/', but given {bucket!r}")
+        check_bucket_name(bucket)
         if client is None:
             try:
                 from google.cloud import storage
             except ImportError as err:
                 raise ImportError("GCSSaver needs google-cloud-storage: pip install ckptcloud[gcs]") from err
             client = storage.Client(project=project)
-        super().__init__(
-            GCSStore(client, bucket),
-            prefix,
-            part_size=part_size,
-            max_concurrency=max_concurrency,
-            require_empty=require_empty,
-            save_on_rank=save_on_rank,
-            tmp_dir=tmp_dir,
-            **torch_save_kwargs,
-        )
+        super().__init__(GCSStore(client, bucket), prefix, **options)

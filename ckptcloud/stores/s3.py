@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, RemoteSaver
+from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits, bytes_like
 
 _MISSING_BUCKET = {"NoSuchBucket"}
@@ -154,7 +154,9 @@ def make_s3_client(
     custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     config = Config(
         max_pool_connections=max(10, max_concurrency + 2),
-        retries={"mode": "standard", "max_attempts": 5},
+        retries={"mode": "standard", "max_attempts": 3},  # inside each of the pipeline's own attempts
+        connect_timeout=10,
+        read_timeout=120,
         s3={"addressing_style": "path"} if custom_endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
@@ -172,12 +174,11 @@ class S3Saver(RemoteSaver):
         client: a ready ``boto3`` S3 client (then ``endpoint_url``/``region_name`` are ignored).
         endpoint_url: for MinIO, SeaweedFS and friends, e.g. ``http://127.0.0.1:9000`` (path-style addressing).
         region_name: AWS region.
-        part_size: bytes per part, 5 MiB to 5 GiB (raised automatically past 10,000 parts).
-        max_concurrency: parts in flight; peak extra memory is ``(max_concurrency + 1) * part_size``.
-        require_empty: refuse a prefix that already holds ``*.pt`` objects.
-        save_on_rank: the rank that uploads and deletes.
         extra_args: extra upload arguments, e.g. ``{"ServerSideEncryption": "aws:kms", "StorageClass": ...}``.
-        **torch_save_kwargs: passed to ``torch.save``.
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Parts are 5 MiB to 5 GiB (default 16 MiB), raised automatically past 10,000 parts.
 
     Example:
         >>> saver = S3Saver("my-bucket", "runs/42", endpoint_url="http://127.0.0.1:9000")  # doctest: +SKIP
@@ -192,25 +193,11 @@ class S3Saver(RemoteSaver):
         client: Any = None,
         endpoint_url: str | None = None,
         region_name: str | None = None,
-        part_size: int = DEFAULT_PART_SIZE,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-        require_empty: bool = True,
-        save_on_rank: int = 0,
         extra_args: Mapping[str, Any] | None = None,
-        tmp_dir: str | None = None,
-        **torch_save_kwargs: Any,
+        **options: Any,
     ) -> None:
-        if not isinstance(bucket, str) or not bucket or "/" in bucket:
-            raise ValueError(f"Argument `bucket` should be a bucket name without '/', but given {bucket!r}")
+        check_bucket_name(bucket)
         if client is None:
-            client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=max_concurrency)
-        super().__init__(
-            S3Store(client, bucket, extra_args=extra_args),
-            prefix,
-            part_size=part_size,
-            max_concurrency=max_concurrency,
-            require_empty=require_empty,
-            save_on_rank=save_on_rank,
-            tmp_dir=tmp_dir,
-            **torch_save_kwargs,
-        )
+            concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+            client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=concurrency)
+        super().__init__(S3Store(client, bucket, extra_args=extra_args), prefix, **options)

@@ -16,6 +16,7 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 
 import ckptcloud
 from ckptcloud import Checkpoint
+from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores.azure import READ_CHUNK_SIZE, AzureBlobSaver, AzureBlobStore
 from ckptcloud.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.conftest import AZURITE_API_VERSION
@@ -152,7 +153,9 @@ def test_failure_after_k_blocks_commits_nothing_and_keeps_the_previous_blob(
 
 
 def test_abandoned_blocks_stay_invisible_and_never_mix_into_a_later_save(client, azure_container, monkeypatch):
-    saver = AzureBlobSaver(azure_container, container_client=client, part_size=1 * MiB, max_concurrency=2)
+    saver = AzureBlobSaver(
+        azure_container, container_client=client, part_size=1 * MiB, max_concurrency=2, retry=NO_RETRY
+    )
     original = AzureBlobStore.put_part
 
     def flaky(self, upload, number, data):

@@ -14,6 +14,7 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 
 import ckptcloud
 from ckptcloud import Checkpoint
+from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores import gcs
 from ckptcloud.stores.gcs import TMP_FOLDER, GCSSaver, GCSStore
 from tests.helpers import assert_same, dtype_zoo, torch_bytes, training_state
@@ -126,7 +127,7 @@ def test_failure_after_k_parts_publishes_nothing_leaves_no_temporaries_and_keeps
 
 
 def test_failed_final_compose_keeps_the_previous_object_and_leaves_no_temporaries(gcs_client, gcs_bucket, monkeypatch):
-    saver = GCSSaver(gcs_bucket, client=gcs_client, part_size=256 * KiB)
+    saver = GCSSaver(gcs_bucket, client=gcs_client, part_size=256 * KiB, retry=NO_RETRY)
     old = {"w": torch.randn(MiB)}
     saver(old, "model.pt")
     old_bytes = object_bytes(gcs_client, gcs_bucket, "model.pt")

@@ -11,6 +11,7 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 
 import ckptcloud
 from ckptcloud import Checkpoint
+from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores.s3 import S3Saver, S3Store
 from ckptcloud.testing import servers
 from tests.conftest import incomplete_uploads
@@ -103,7 +104,7 @@ def test_failure_after_k_parts_publishes_nothing_and_keeps_older_checkpoints(s3_
 
 
 def test_failed_save_through_checkpoint_keeps_kept_list_and_objects(s3_client, s3_bucket, monkeypatch):
-    saver = S3Saver(s3_bucket, client=s3_client, part_size=5 * MiB)
+    saver = S3Saver(s3_bucket, client=s3_client, part_size=5 * MiB, retry=NO_RETRY)
     model = torch.nn.Linear(4, 4)
     ckpt = Checkpoint({"model": model}, saver, n_saved=1)
     ckpt.save(global_step=1)

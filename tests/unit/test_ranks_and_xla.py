@@ -14,6 +14,7 @@ import torch
 
 from ckptcloud import DiskSaver, distributed
 from ckptcloud.remote import RemoteSaver
+from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores.base import MiB
 from ckptcloud.stores.memory import MemoryStore
 
@@ -105,6 +106,6 @@ def test_writer_failure_propagates_on_the_writing_rank(rank):
             raise ConnectionError("store unreachable")
 
     rank(0)
-    saver = RemoteSaver(Failing("bucket"), part_size=5 * MiB)
+    saver = RemoteSaver(Failing("bucket"), part_size=5 * MiB, retry=NO_RETRY)
     with pytest.raises(ConnectionError, match="unreachable"):
         saver({"w": torch.ones(1)}, "a.pt")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ckptcloud.remote import RemoteSaver
+from ckptcloud.retry import NO_RETRY, Retry
 from ckptcloud.stores.base import MiB, StoreLimits
 from ckptcloud.stores.memory import MemoryStore
 from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
@@ -89,7 +90,7 @@ def test_failed_part_aborts_and_publishes_nothing(fail_at):
 
     store = Failing("bucket", min_part_size=PART)
     store.put("k", memoryview(b"old"), {})
-    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2)
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2, retry=NO_RETRY)
     with pytest.raises(ConnectionResetError, match=f"part {fail_at} lost"):
         for _ in range(8):
             writer.write(b"z" * PART)
@@ -157,3 +158,82 @@ def test_remote_saver_round_trip_and_metadata_on_memory_store():
     assert (
         repr(saver) == "RemoteSaver(url='mem://bucket/runs/a/', part_size=5242880, max_concurrency=2, save_on_rank=0)"
     )
+
+
+FAST = Retry(max_attempts=4, initial_backoff=0.001, max_backoff=0.002)
+
+
+def test_transient_part_failures_are_retried_and_the_object_completes():
+    class Flaky(MemoryStore):
+        def put_part(self, upload, number, data):
+            self.attempts.append(number)
+            if self.failures.get(number, 0):
+                self.failures[number] -= 1
+                raise ConnectionResetError(f"part {number} reset")
+            return super().put_part(upload, number, data)
+
+    store = Flaky("bucket", min_part_size=PART)
+    store.attempts = []
+    store.failures = {2: 2, 3: 1}  # part number -> how many times it fails first
+    writer = PartWriter(store, "k", part_size=PART, max_concurrency=2, retry=FAST)
+    writer.write(b"r" * (PART * 4))
+    writer.commit()
+    assert store.objects["k"][0] == b"r" * (PART * 4)
+    assert sorted(store.attempts) == [1, 2, 2, 2, 3, 3, 4]
+
+
+def test_permanent_failures_are_not_retried():
+    class Denied(MemoryStore):
+        def put(self, key, data, metadata):
+            self.requests.append("put")
+            raise PermissionError("access denied")
+
+    store = Denied("bucket")
+    writer = PartWriter(store, "k", part_size=5 * MiB, max_concurrency=1, retry=FAST)
+    writer.write(b"x")
+    with pytest.raises(PermissionError):
+        writer.commit()
+    assert store.requests == ["put"]
+
+
+def test_retries_give_up_after_max_attempts_with_a_note():
+    class Down(MemoryStore):
+        def size(self, key):
+            self.requests.append("size")
+            raise TimeoutError("read timed out")
+
+    store = Down("bucket")
+    with tempfile.TemporaryFile() as file, pytest.raises(TimeoutError) as info:
+        download_to_file(store, "k", file, part_size=PART, max_concurrency=1, retry=FAST)
+    assert store.requests == ["size"] * 4
+    assert "gave up after 4 attempt(s)" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_download_resumes_a_broken_range_where_it_stopped():
+    class Breaking(MemoryStore):
+        broke = False
+
+        def read(self, key, start=0, end=None):
+            body = self.objects[key][0][start:end]
+            self.requests.append(f"read {start}")
+            if not self.broke:
+                self.broke = True
+                yield body[:1000]
+                raise ConnectionResetError("connection reset mid-body")
+            yield body
+
+    store = Breaking("bucket")
+    body = bytes(range(256)) * 40
+    store.objects["k"] = (body, {}, 0.0)
+    with tempfile.TemporaryFile() as file:
+        download_to_file(store, "k", file, part_size=1 << 20, max_concurrency=1, retry=FAST)
+        file.seek(0)
+        assert file.read() == body
+    assert store.requests == ["read 0", "read 1000"]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"deadline": -1}, {"initial_backoff": "x"}])
+def test_bad_retry_settings_are_named(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        Retry(**kwargs)
