@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ckptcloud.errors import TransientError
 from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
 
@@ -60,9 +61,11 @@ class AzureBlobStore(Store):
                 raise FileNotFoundError(f"no blob at {target} ({what})") from err
             if status == 403 or isinstance(err, az.ClientAuthenticationError):
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
+            if status is not None and (status >= 500 or status == 429):
+                raise TransientError(f"Azure answered {code} for {target} ({what})") from err
             raise
         except (az.ServiceRequestError, az.ServiceResponseError) as err:  # its text may show a SAS URL: left out
-            raise ConnectionError(f"cannot reach the Azure endpoint for {target} ({what})") from err
+            raise TransientError(f"cannot reach the Azure endpoint for {target} ({what})") from err
 
     def check_bucket(self) -> None:
         with self._errors("checking the container"):

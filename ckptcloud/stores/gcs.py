@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from ckptcloud.errors import TransientError
 from ckptcloud.remote import RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
 
@@ -67,8 +68,10 @@ class GCSStore(Store):
             raise FileNotFoundError(f"no object at {target} ({what})") from err
         except (exceptions.Forbidden, exceptions.Unauthorized) as err:
             raise PermissionError(f"access denied to {target} ({what}): {err.code} {err.message}") from err
-        except requests.ConnectionError as err:
-            raise ConnectionError(f"cannot reach the GCS endpoint for {target} ({what}): {err}") from err
+        except (exceptions.ServerError, exceptions.TooManyRequests) as err:
+            raise TransientError(f"GCS answered {err.code} for {target} ({what})") from err
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            raise TransientError(f"cannot reach the GCS endpoint for {target} ({what}): {err}") from err
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One JSON-API request on the client's authorized session, retried like the SDK's (bodies are views)."""

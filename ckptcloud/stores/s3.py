@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ckptcloud.errors import TransientError
 from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits, bytes_like
 
@@ -19,7 +20,7 @@ _DENIED = {
     "SignatureDoesNotMatch",
     "AllAccessDisabled",
 }
-_GONE_UPLOAD = {"NoSuchUpload"}
+_TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500"}
 
 
 class S3Store(Store):
@@ -42,22 +43,25 @@ class S3Store(Store):
     @contextlib.contextmanager
     def _errors(self, what: str, key: str = "") -> Iterator[None]:
         """Translate SDK errors into builtins that name the bucket/key (never credentials)."""
-        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore import exceptions as boto
 
         target = self.url(key) if key else f"s3://{self.bucket}"
         try:
             yield
-        except ClientError as err:
+        except boto.ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
+            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if code in _MISSING_BUCKET or (code in _MISSING_KEY and not key):
                 raise FileNotFoundError(f"S3 bucket {self.bucket!r} does not exist ({what})") from err
             if code in _MISSING_KEY:
                 raise FileNotFoundError(f"no object at {target} ({what})") from err
             if code in _DENIED:
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
+            if code in _TRANSIENT or status >= 500:
+                raise TransientError(f"S3 answered {code or status} for {target} ({what})") from err
             raise
-        except EndpointConnectionError as err:
-            raise ConnectionError(f"cannot reach the S3 endpoint for {target} ({what}): {err}") from err
+        except (boto.ConnectionError, boto.HTTPClientError, boto.ResponseStreamingError) as err:
+            raise TransientError(f"cannot reach the S3 endpoint for {target} ({what}): {err}") from err
 
     def check_bucket(self) -> None:
         with self._errors("checking the bucket"):
