@@ -143,7 +143,8 @@ class DiskSaver(BaseSaveHandler):
     def _write(self, checkpoint: Mapping, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not self._atomic:
-            serialization.save(checkpoint, path, **self.kwargs)
+            with open(path, "wb") as file:
+                serialization.save(checkpoint, file, **self.kwargs)
             return
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:

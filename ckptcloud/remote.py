@@ -184,8 +184,9 @@ class RemoteSaver(BaseSaveHandler):
         key = self.key(filename)
         with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
             download_to_file(self.store, key, file, part_size=self.part_size, max_concurrency=self.max_concurrency)
-            file.seek(0)
-            return serialization.load(file, map_location=map_location, weights_only=weights_only)
+            return serialization.load(
+                file, map_location=map_location, weights_only=weights_only, name=self.url(filename)
+            )
 
 
 def _object_metadata(metadata: Mapping | None) -> dict[str, str]:

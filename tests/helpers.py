@@ -60,3 +60,12 @@ def dtype_zoo() -> dict:
         "transposed": torch.randn(6, 4, generator=g).t(),
         "nested": {"list": [torch.ones(2), (torch.zeros(1), 7)], "text": "hello", "n": 3},
     }
+
+
+def stored_bytes(obj) -> bytes:
+    """The exact bytes ckptcloud stores for ``obj``: torch.save's output and the integrity trailer."""
+    from ckptcloud import serialization
+
+    buf = io.BytesIO()
+    serialization.save(obj, buf)
+    return buf.getvalue()

@@ -281,3 +281,16 @@ def test_every_store_satisfies_the_store_interface():
         assert not getattr(cls, "__abstractmethods__", None), f"{cls.__name__} misses {cls.__abstractmethods__}"
         assert cls.limits.min_part_size <= PART <= cls.limits.max_part_size
         assert os.path.basename(cls.scheme) == cls.scheme
+
+
+def test_a_corrupted_object_is_refused_on_load(target):
+    from ckptcloud.errors import IntegrityError
+
+    buf = io.BytesIO()
+    ckptcloud.serialization.save(state(5, 6), buf)
+    damaged = bytearray(buf.getvalue())
+    damaged[3 * MiB] ^= 0x01
+    target.put_raw("run/model_5.pt", bytes(damaged))
+    saver = target.make("run", require_empty=False)
+    with pytest.raises(IntegrityError, match="model_5.pt is damaged"):
+        saver.load("model_5.pt")

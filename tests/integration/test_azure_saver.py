@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import sys
 import tracemalloc
@@ -20,6 +19,7 @@ from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores.azure import READ_CHUNK_SIZE, AzureBlobSaver, AzureBlobStore
 from ckptcloud.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.conftest import AZURITE_API_VERSION
+from tests.helpers import stored_bytes, torch_bytes
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.integration
@@ -51,12 +51,6 @@ def uncommitted_ids(client, name: str) -> list[str]:
         return []
 
 
-def torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def training_state() -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -82,7 +76,7 @@ def test_round_trip_is_bit_identical(client, azure_container, make_state, part_s
     state = make_state()
     saver = AzureBlobSaver(azure_container, "run", container_client=client, part_size=part_size, max_concurrency=4)
     saver(state, "ckpt.pt")
-    assert blob_bytes(client, "run/ckpt.pt") == torch_bytes(state)
+    assert blob_bytes(client, "run/ckpt.pt") == stored_bytes(state)
     assert torch_bytes(saver.load("ckpt.pt")) == torch_bytes(state)
     assert saver.list() == ["ckpt.pt"]
 
@@ -116,7 +110,7 @@ def test_block_ids_have_equal_length_and_one_random_upload_id_per_save(client, a
         assert [int(i.rsplit("-", 1)[1]) for i in ids] == list(range(1, 14))
         prefixes.append(upload_ids.pop())
     assert prefixes[0] != prefixes[1]
-    assert blob_bytes(client, "same.pt") == torch_bytes(state)
+    assert blob_bytes(client, "same.pt") == stored_bytes(state)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
@@ -172,7 +166,7 @@ def test_abandoned_blocks_stay_invisible_and_never_mix_into_a_later_save(client,
 
     state = {"w": torch.randn(2 * MiB)}
     saver(state, "x.pt")
-    assert blob_bytes(client, "x.pt") == torch_bytes(state)
+    assert blob_bytes(client, "x.pt") == stored_bytes(state)
     assert uncommitted_ids(client, "x.pt") == []  # the commit dropped the abandoned blocks
 
 

@@ -17,7 +17,7 @@ from ckptcloud import Checkpoint
 from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores import gcs
 from ckptcloud.stores.gcs import TMP_FOLDER, GCSSaver, GCSStore
-from tests.helpers import assert_same, dtype_zoo, torch_bytes, training_state
+from tests.helpers import assert_same, dtype_zoo, stored_bytes, training_state
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -60,7 +60,7 @@ def test_round_trip_is_bit_identical_and_leaves_no_temporaries(gcs_client, gcs_b
     state = make_state()
     saver = GCSSaver(gcs_bucket, "run", client=gcs_client, part_size=part_size, max_concurrency=4)
     saver(state, "ckpt.pt")
-    assert object_bytes(gcs_client, gcs_bucket, "run/ckpt.pt") == torch_bytes(state)
+    assert object_bytes(gcs_client, gcs_bucket, "run/ckpt.pt") == stored_bytes(state)
     assert_same(state, saver.load("ckpt.pt"))
     assert keys(gcs_client, gcs_bucket) == ["run/ckpt.pt"]
 
@@ -78,7 +78,7 @@ def test_hierarchical_compose_publishes_the_key_only_in_the_last_compose(
     assert all(f"deep/{TMP_FOLDER}/" in name for name, _ in composes[:-1])
     assert all(n <= fan_in for _, n in composes)
     assert len({name.rsplit("-", 2)[-2] for name, _ in composes[:-1]}) + 1 == expected_levels
-    assert object_bytes(gcs_client, gcs_bucket, "deep/model.pt") == torch_bytes(state)
+    assert object_bytes(gcs_client, gcs_bucket, "deep/model.pt") == stored_bytes(state)
     assert keys(gcs_client, gcs_bucket) == ["deep/model.pt"]
 
 
