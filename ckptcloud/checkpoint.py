@@ -83,6 +83,7 @@ class Checkpoint:
         include_self: bool = False,
         greater_or_equal: bool = False,
         save_on_rank: int = 0,
+        resume: bool = False,
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
@@ -106,7 +107,7 @@ class Checkpoint:
 
         self.to_save = to_save
         self.filename_prefix = filename_prefix
-        self.save_handler: Any = self._make_save_handler(save_handler, save_on_rank)
+        self.save_handler: Any = self._make_save_handler(save_handler, save_on_rank, resume)
         self.score_function = score_function
         self.score_name = score_name
         if score_name is not None and score_function is None:
@@ -121,16 +122,21 @@ class Checkpoint:
         self._saved: list[Checkpoint.Item] = []
         self._metadata_mode = _metadata_mode(self.save_handler)
         self._warned_nan = False
+        if resume:
+            self.resume()
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
-    def _make_save_handler(save_handler: Any, save_on_rank: int) -> Any:
+    def _make_save_handler(save_handler: Any, save_on_rank: int, resume: bool) -> Any:
+        options: dict[str, Any] = {"save_on_rank": save_on_rank}
+        if resume:
+            options["require_empty"] = False  # resuming means the prefix holds our earlier checkpoints
         if isinstance(save_handler, str) and "://" in save_handler:
             from ckptcloud.urls import saver_from_url
 
-            return saver_from_url(save_handler, save_on_rank=save_on_rank)
+            return saver_from_url(save_handler, **options)
         if isinstance(save_handler, (str, Path)):
-            return DiskSaver(save_handler, create_dir=True, save_on_rank=save_on_rank)
+            return DiskSaver(save_handler, create_dir=True, **options)
         return save_handler
 
     @staticmethod
@@ -309,6 +315,77 @@ class Checkpoint:
             )
         items = [Checkpoint.Item(p, f) for p, f in state_dict["_saved"]]
         self._saved = sorted(items, key=lambda item: item.priority)
+
+    def resume(self) -> list[Checkpoint.Item]:
+        """Rebuild the kept list from the checkpoints stored under the save handler's folder or prefix.
+
+        Only filenames this checkpoint's own pattern could have produced count (and, where the object carries
+        ckptcloud's metadata, only those with this checkpoint's basename); anything else is never touched.
+        Priorities are the exact ones saved with each object, else what the filename shows. If more than
+        ``n_saved`` match (a crash between a save and its eviction), the lowest are removed, so retention
+        converges back to ``n_saved``. ``Checkpoint(..., resume=True)`` calls this at construction.
+
+        Returns:
+            The kept list, lowest priority first.
+
+        Example:
+            >>> import tempfile, torch
+            >>> folder = tempfile.mkdtemp()
+            >>> first = Checkpoint({"model": torch.nn.Linear(2, 1)}, folder, n_saved=2)
+            >>> for step in (1, 2, 3):
+            ...     _ = first.save(global_step=step)
+            >>> again = Checkpoint({"model": torch.nn.Linear(2, 1)}, folder, n_saved=2, resume=True)
+            >>> again.state_dict()
+            {'_saved': [(2, 'model_2.pt'), (3, 'model_3.pt')]}
+        """
+        describe = getattr(self.save_handler, "describe", None)
+        if not callable(describe):
+            raise TypeError(
+                f"resume needs a save handler that can list what it stored (DiskSaver, S3Saver, ...), "
+                f"but given {type(self.save_handler)}"
+            )
+        stored = describe() if distributed.get_rank() == self.save_on_rank else None
+        stored = distributed.broadcast_object(stored, self.save_on_rank)
+        if stored is None:  # ranks without a process group: every rank reads the listing itself
+            stored = describe()
+        items = self._matching_items(stored)
+        extra = len(items) - self.n_saved if self.n_saved is not None else 0
+        self._saved = items[max(extra, 0) :]
+        for item in items[: max(extra, 0)]:
+            self._remove(item.filename)
+        return list(self._saved)
+
+    def _matching_items(self, stored: Mapping[str, Mapping[str, str]]) -> list[Checkpoint.Item]:
+        from urllib.parse import unquote
+
+        from ckptcloud._resume import pattern_regex, priority_from
+
+        keys = list(self.to_save)
+        name = keys[0] if len(keys) == 1 else "checkpoint"
+        basename = f"{self.filename_prefix}{'_' * int(len(self.filename_prefix) > 0)}{name}"
+        by_score = self.score_function is not None
+        if self.filename_pattern:
+            patterns = [self.filename_pattern]
+        else:
+            patterns = [
+                self.setup_filename_pattern(len(self.filename_prefix) > 0, by_score, self.score_name is not None, step)
+                for step in (True, False)
+                if step or by_score
+            ]
+        known = {"filename_prefix": self.filename_prefix, "ext": self.ext, "name": name, "score_name": self.score_name}
+        regexes = [pattern_regex(pattern, known) for pattern in patterns]
+        items = []
+        for filename, metadata in stored.items():
+            match = next((m for m in (r.fullmatch(filename) for r in regexes) if m), None)
+            if match is None:
+                continue
+            if "ckptcloud_basename" in metadata and unquote(metadata["ckptcloud_basename"]) != basename:
+                continue
+            priority = priority_from(metadata, match, by_score)
+            if priority is None or _is_nan(priority):
+                continue
+            items.append(Checkpoint.Item(priority, filename))
+        return sorted(items, key=lambda item: item.priority)
 
     def reset(self) -> None:
         """Forget the kept list; stored checkpoints are not deleted."""

@@ -95,3 +95,12 @@ def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
     if error is not None:
         raise error
     return result
+
+
+def broadcast_object(obj: T | None, src: int) -> T | None:
+    """``obj`` from rank ``src`` on every rank of an initialized process group; ``obj`` itself otherwise."""
+    if get_world_size() > 1 and _torch_distributed_ready():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

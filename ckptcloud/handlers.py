@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,6 +171,26 @@ class DiskSaver(BaseSaveHandler):
     def list(self) -> list[str]:
         """Names of the ``*.pt`` checkpoints in the folder, sorted."""
         return sorted(p.name for p in self.dirname.glob("*.pt") if p.is_file())
+
+    def cleanup_incomplete(self, older_than: float = 0.0) -> list[str]:
+        """Delete temporary files a killed process left (``.NAME.*.tmp``); returns their names.
+
+        Args:
+            older_than: only files last written at least this many seconds ago.
+        """
+        if distributed.get_rank() != self.save_on_rank:
+            return []
+        now = time.time()
+        removed = []
+        for path in sorted(self.dirname.glob(".*.pt.*.tmp")):
+            if now - path.stat().st_mtime >= older_than:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Each checkpoint in the folder; files carry no metadata, so resumes read priorities from the names."""
+        return {name: {} for name in self.list()}
 
     def url(self, filename: str) -> str:
         """``file://`` URL of ``filename``."""

@@ -7,6 +7,7 @@ rank gate -> tensors moved to CPU (every rank) -> ``torch.save`` into a ``PartWr
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +17,7 @@ import torch
 from ckptcloud import distributed, serialization
 from ckptcloud.handlers import BaseSaveHandler, check_filename
 from ckptcloud.retry import Retry
-from ckptcloud.stores.base import MiB, Store
+from ckptcloud.stores.base import MiB, ObjectInfo, Store
 from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
 
 DEFAULT_PART_SIZE = 16 * MiB
@@ -170,11 +171,46 @@ class RemoteSaver(BaseSaveHandler):
         distributed.run_on_rank(self.save_on_rank, lambda: self.store.delete(key), f"removing {self.url(filename)}")
 
     # ------------------------------------------------------------------------------------- read and list
+    @property
+    def _base(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
     def list(self) -> list[str]:
         """Names of the ``*.pt`` checkpoints directly under the prefix, sorted."""
-        base = f"{self.prefix}/" if self.prefix else ""
-        names = (info.key[len(base) :] for info in self.store.list(base))
-        return sorted(name for name in names if name.endswith(".pt") and "/" not in name)
+        return sorted(self._checkpoints())
+
+    def _checkpoints(self) -> dict[str, ObjectInfo]:
+        infos = ((info.key[len(self._base) :], info) for info in self.store.list(self._base))
+        return {name: info for name, info in infos if name.endswith(".pt") and "/" not in name}
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Each checkpoint under the prefix with the metadata saved with it (exact priority, score name, basename).
+
+        Used by :meth:`ckptcloud.Checkpoint.resume`. Values are as stored (percent-encoded text).
+        """
+        out = {}
+        for name, info in sorted(self._checkpoints().items()):
+            meta = info.metadata or self.retry.call(lambda k=info.key: self.store.head(k), "reading metadata").metadata
+            out[name] = dict(meta)
+        return out
+
+    def cleanup_incomplete(self, older_than: float = 0.0) -> list[str]:
+        """Discard uploads under the prefix that a killed process left incomplete; returns what was discarded.
+
+        Args:
+            older_than: only uploads started at least this many seconds ago (leave running saves alone: pass
+                more than your longest save when other processes may be saving to the same prefix).
+        """
+        if distributed.get_rank() != self.save_on_rank:
+            return []
+        now = time.time()
+        discarded = []
+        for item in self.store.list_incomplete(self._base):
+            if item.started is not None and now - item.started < older_than:
+                continue
+            self.retry.call(lambda u=item.upload: self.store.abort(u), f"discarding {self.store.url(item.key)}")
+            discarded.append(item.key)
+        return discarded
 
     def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
         """Download ``filename`` into a temporary file and ``torch.load`` it (``weights_only=True`` by default).

@@ -256,7 +256,7 @@ def download_to_file(
     """
     retry = retry or Retry()
     url = store.url(key)
-    size = retry.call(lambda: store.size(key), f"reading the size of {url}")
+    size = retry.call(lambda: store.head(key), f"reading the size of {url}").size
     fd = file.fileno()
     os.ftruncate(fd, size)
     if size <= part_size or max_concurrency == 1:

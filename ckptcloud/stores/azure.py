@@ -98,9 +98,10 @@ class AzureBlobStore(Store):
     def abort(self, upload: Any) -> None:
         """Nothing to send: Azure cannot delete uncommitted blocks; they stay invisible (see the module docstring)."""
 
-    def size(self, key: str) -> int:
-        with self._errors("reading the size", key):
-            return int(self.client.get_blob_client(key).get_blob_properties().size)
+    def head(self, key: str) -> ObjectInfo:
+        with self._errors("reading the metadata", key):
+            p = self.client.get_blob_client(key).get_blob_properties()
+        return ObjectInfo(key, int(p.size), p.last_modified.timestamp(), dict(p.metadata or {}))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         # One ranged GET per READ_CHUNK_SIZE, whatever the client's own download settings (a client passed in may

@@ -37,6 +37,15 @@ class ObjectInfo:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class IncompleteUpload:
+    """An upload left behind: the key it was for (or its temporary folder), the handle ``abort`` takes, its start."""
+
+    key: str
+    upload: Any
+    started: float | None = None
+
+
 class Store(ABC):
     """One bucket (or container) of one object store.
 
@@ -76,8 +85,8 @@ class Store(ABC):
         """Discard an upload and its parts; nothing appears at the key."""
 
     @abstractmethod
-    def size(self, key: str) -> int:
-        """Size of the object at ``key``; ``FileNotFoundError`` if there is none."""
+    def head(self, key: str) -> ObjectInfo:
+        """Size, timestamp and user metadata of the object at ``key``; ``FileNotFoundError`` if there is none."""
 
     @abstractmethod
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -89,7 +98,14 @@ class Store(ABC):
 
     @abstractmethod
     def list(self, prefix: str) -> list[ObjectInfo]:
-        """Every object whose key starts with ``prefix``."""
+        """Every object whose key starts with ``prefix`` (metadata may be empty where listing does not return it)."""
+
+    def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
+        """Uploads under ``prefix`` that were begun and never completed nor aborted (a killed process leaves them).
+
+        Each can be discarded with :meth:`abort`. The default is a store that leaves nothing to clean up.
+        """
+        return []
 
 
 def bytes_like(data: memoryview) -> bytes | bytearray:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 from ckptcloud.errors import TransientError
 from ckptcloud.remote import RemoteSaver, check_bucket_name
-from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 MAX_COMPOSE_SOURCES = 32
 TMP_FOLDER = ".ckptcloud-tmp"
@@ -151,11 +151,18 @@ class GCSStore(Store):
         for info in self.list(upload.tmp_prefix):
             self.delete(info.key)
 
-    def size(self, key: str) -> int:
+    def head(self, key: str) -> ObjectInfo:
         blob = self.client.bucket(self.bucket).blob(key)
-        with self._errors("reading the size", key):
+        with self._errors("reading the metadata", key):
             blob.reload()
-        return int(blob.size)
+        return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), dict(blob.metadata or {}))
+
+    def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
+        folders: dict[str, float] = {}  # temporary folder of each upload -> when its first part was written
+        for info in self.list(f"{prefix}{TMP_FOLDER}/"):
+            folder = info.key[: info.key.index("/", len(prefix) + len(TMP_FOLDER) + 1) + 1]
+            folders[folder] = min(folders.get(folder, info.last_modified or 0.0), info.last_modified or 0.0)
+        return [IncompleteUpload(f, GCSUpload(f, f, {}), t) for f, t in sorted(folders.items())]
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         if end is not None and end <= start:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 
 @dataclass
@@ -17,6 +17,7 @@ class _Upload:
     key: str
     metadata: dict[str, str]
     parts: dict[int, bytes] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
 
 class MemoryStore(Store):
@@ -81,11 +82,12 @@ class MemoryStore(Store):
         with self._lock:
             self.uploads.pop(upload, None)
 
-    def size(self, key: str) -> int:
+    def head(self, key: str) -> ObjectInfo:
         with self._lock:
             if key not in self.objects:
                 raise FileNotFoundError(f"no object at {self.url(key)}")
-            return len(self.objects[key][0])
+            body, meta, mtime = self.objects[key]
+            return ObjectInfo(key, len(body), mtime, dict(meta))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         self._log("read")
@@ -99,6 +101,12 @@ class MemoryStore(Store):
         self._log("delete")
         with self._lock:
             self.objects.pop(key, None)
+
+    def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
+        with self._lock:
+            return [
+                IncompleteUpload(u.key, uid, u.started) for uid, u in self.uploads.items() if u.key.startswith(prefix)
+            ]
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         with self._lock:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ckptcloud.errors import TransientError
 from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
-from ckptcloud.stores.base import GiB, MiB, ObjectInfo, Store, StoreLimits, bytes_like
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits, bytes_like
 
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -105,9 +105,10 @@ class S3Store(Store):
             except self.client.exceptions.NoSuchUpload:
                 pass
 
-    def size(self, key: str) -> int:
-        with self._errors("reading the size", key):
-            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+    def head(self, key: str) -> ObjectInfo:
+        with self._errors("reading the metadata", key):
+            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+        return ObjectInfo(key, int(meta["ContentLength"]), meta["LastModified"].timestamp(), meta.get("Metadata", {}))
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
@@ -129,13 +130,12 @@ class S3Store(Store):
                     out.append(ObjectInfo(obj["Key"], int(obj["Size"]), obj["LastModified"].timestamp()))
         return out
 
-    def list_incomplete(self, prefix: str) -> list[tuple[str, str]]:
-        """``(key, upload_id)`` of multipart uploads under ``prefix`` that were never completed or aborted."""
-        out: list[tuple[str, str]] = []
+    def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
+        out: list[IncompleteUpload] = []
         with self._errors("listing incomplete uploads", prefix):
-            paginator = self.client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", []))
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+                for u in page.get("Uploads", []):
+                    out.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
         return out
 
 

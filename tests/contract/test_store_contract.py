@@ -294,3 +294,44 @@ def test_a_corrupted_object_is_refused_on_load(target):
     saver = target.make("run", require_empty=False)
     with pytest.raises(IntegrityError, match=r"model_5\.pt is damaged"):
         saver.load("model_5.pt")
+
+
+def test_retention_survives_a_restart(target):
+    first = Checkpoint({"model": torch.nn.Linear(2, 2)}, target.make("resume"), n_saved=None, score_name="acc")
+    for step, acc in [(1, 0.30001), (2, 0.30004), (3, 0.1)]:
+        first.save(global_step=step, score=acc)
+    target.put_raw("resume/model_9_acc=0.9999.txt", b"not ours")
+    again = Checkpoint(
+        {"model": torch.nn.Linear(2, 2)},
+        target.make("resume", require_empty=False),
+        n_saved=2,
+        score_name="acc",
+        resume=True,
+    )
+    kept = [filename for _, filename in again.state_dict()["_saved"]]
+    assert kept == ["model_1_acc=0.3000.pt", "model_2_acc=0.3000.pt"]
+    assert [k for k in target.raw_keys() if k.startswith("resume/")] == [
+        "resume/model_1_acc=0.3000.pt",
+        "resume/model_2_acc=0.3000.pt",
+        "resume/model_9_acc=0.9999.txt",
+    ]
+
+
+def test_cleanup_discards_uploads_a_killed_process_left(target):
+    saver = target.make("crashed")
+    saver(state(1, 0), "kept.pt")
+    before = target.raw_keys()
+    if isinstance(saver, DiskSaver):  # what an interrupted atomic write leaves: a temp file beside the target
+        (saver.dirname / ".model_2.pt.abc123.tmp").write_bytes(b"partial")
+    else:  # what a killed process leaves: an upload begun, parts sent, never completed
+        upload = saver.store.begin("crashed/model_2.pt", {})
+        saver.store.put_part(upload, 1, memoryview(bytearray(PART)))
+    # An upload younger than older_than may be a save in progress: left alone. (moto reports every multipart
+    # upload as started in 2010, so this half of the contract is only checkable on the other stores.)
+    if target.name != "s3":
+        assert saver.cleanup_incomplete(older_than=3600) == []
+    discarded = saver.cleanup_incomplete()
+    assert len(discarded) == (0 if target.name == "azure" else 1)  # Azure drops uncommitted blocks by itself
+    assert target.raw_keys() == before
+    assert target.incomplete() == []
+    assert saver.list() == ["kept.pt"]

@@ -198,7 +198,7 @@ def test_permanent_failures_are_not_retried():
 
 def test_retries_give_up_after_max_attempts_with_a_note():
     class Down(MemoryStore):
-        def size(self, key):
+        def head(self, key):
             self.requests.append("size")
             raise TimeoutError("read timed out")
 
