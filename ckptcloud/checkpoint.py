@@ -8,7 +8,7 @@ from ignite"):
   only after the save returned. A save that raises leaves the kept list and every stored file as before.
 * **no double calls** - whether the save handler takes ``metadata`` is decided once from its signature, so a
   ``TypeError`` raised inside a save propagates instead of running the save a second time.
-* **NaN scores** are never kept and never evict anything (warned once).
+* **NaN and infinite scores** are never kept and never evict anything (warned once).
 * ``load_state_dict`` sorts the kept list; ``include_self`` with one object keeps the payload a mapping.
 """
 
@@ -87,6 +87,8 @@ class Checkpoint:
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
+        if not to_save:
+            raise ValueError("Argument `to_save` should name at least one object to save, but given an empty mapping")
         self._check_objects(to_save, "state_dict", "to_save")
         if include_self:
             if not isinstance(to_save, MutableMapping):
@@ -179,7 +181,7 @@ class Checkpoint:
         """
         if score is not None:
             if not isinstance(score, numbers.Number):
-                raise ValueError(f"Argument `score` should be a number, but given {type(score)}")
+                raise ValueError(f"Argument `score` should be a number (use tensor.item()), but given {type(score)}")
             priority: Any = score
         elif self.score_function is not None:
             raise ValueError(
@@ -192,10 +194,11 @@ class Checkpoint:
         return self._save(priority, global_step, score is not None, None)
 
     def _save(self, priority: Any, global_step: Any, with_score: bool, engine: Any) -> str | None:
-        if _is_nan(priority):
+        if _is_non_finite(priority):
             if not self._warned_nan:
                 warnings.warn(
-                    "Checkpoint score is NaN: not saved, and it evicts nothing (further NaNs are not warned)",
+                    f"Checkpoint score is {priority!r} (NaN or infinite): not saved, and it evicts nothing "
+                    "(further ones are not warned)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -382,7 +385,7 @@ class Checkpoint:
             if "ckptcloud_basename" in metadata and unquote(metadata["ckptcloud_basename"]) != basename:
                 continue
             priority = priority_from(metadata, match, by_score)
-            if priority is None or _is_nan(priority):
+            if priority is None or _is_non_finite(priority):
                 continue
             items.append(Checkpoint.Item(priority, filename))
         return sorted(items, key=lambda item: item.priority)
@@ -488,10 +491,11 @@ class Checkpoint:
         tree_apply2(load_one, to_load, checkpoint)
 
 
-def _is_nan(value: Any) -> bool:
+def _is_non_finite(value: Any) -> bool:
+    """NaN or infinite: such a score would block (inf) or confuse (NaN) every later comparison."""
     try:
-        return isinstance(value, numbers.Real) and math.isnan(value)
-    except (TypeError, ValueError):
+        return isinstance(value, numbers.Real) and not math.isfinite(value)
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

@@ -746,7 +746,7 @@ def test_save_needs_a_score_when_the_checkpoint_ranks_by_score():
 
 @pytest.mark.parametrize("score", [torch.tensor(0.5), "0.5"])
 def test_save_refuses_a_score_that_is_not_a_number(score):
-    with pytest.raises(ValueError, match="Argument `score` should be a number, but given"):
+    with pytest.raises(ValueError, match=r"Argument `score` should be a number \(use tensor.item\(\)\), but given"):
         Checkpoint({"model": model()}, MemorySaver(), score_name="acc").save(score=score)
 
 
