@@ -49,7 +49,7 @@ def test_unknown_url_scheme_in_checkpoint():
 
 
 def test_loading_a_missing_file_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.pt"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.pt"):
         Checkpoint.load_objects({"m": model()}, tmp_path / "absent.pt")
 
 
