@@ -1,9 +1,10 @@
 """ckptcloud: stream PyTorch checkpoints to cloud object storage and keep only the ones worth keeping."""
 
 from ckptcloud.checkpoint import Checkpoint
-from ckptcloud.errors import CkptcloudError, RemoteSaveError, UploadError
+from ckptcloud.errors import CkptcloudError, IntegrityError, RemoteSaveError, TransientError
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
+from ckptcloud.retry import Retry
 from ckptcloud.stores.azure import AzureBlobSaver
 from ckptcloud.stores.gcs import GCSSaver
 from ckptcloud.stores.s3 import S3Saver
@@ -16,10 +17,12 @@ __all__ = [
     "CkptcloudError",
     "DiskSaver",
     "GCSSaver",
+    "IntegrityError",
     "RemoteSaveError",
     "RemoteSaver",
+    "Retry",
     "S3Saver",
-    "UploadError",
+    "TransientError",
     "load_checkpoint",
     "saver_from_url",
 ]

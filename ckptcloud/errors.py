@@ -12,10 +12,6 @@ class CkptcloudError(Exception):
     """Root of every error that is ckptcloud's own (not a builtin)."""
 
 
-class UploadError(CkptcloudError):
-    """A save did not complete; nothing was published at the key and older checkpoints are untouched."""
-
-
 class RemoteSaveError(CkptcloudError):
     """Raised on the ranks that did not upload when the writing rank's save failed."""
 
