@@ -18,7 +18,7 @@ from ckptcloud import distributed, serialization
 from ckptcloud.handlers import BaseSaveHandler, check_filename
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, ObjectInfo, Store
-from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+from ckptcloud.streaming import PartWriter, Progress, choose_part_size, download_to_file
 
 DEFAULT_PART_SIZE = 16 * MiB
 DEFAULT_MAX_CONCURRENCY = 8
@@ -61,6 +61,8 @@ class RemoteSaver(BaseSaveHandler):
         tmp_dir: folder for the temporary file a load downloads into (default: the system temp folder).
         retry: how each request is retried on transient failures (default :class:`~ckptcloud.retry.Retry()`:
             6 attempts, exponential backoff with jitter, 300 s per request at most).
+        progress: ``progress(bytes_done, bytes_total)`` during saves and loads, called from worker threads
+            (``bytes_total`` is the tensors' size estimate while saving, the object size while loading).
         **torch_save_kwargs: passed to ``torch.save``.
 
     Example:
@@ -85,6 +87,7 @@ class RemoteSaver(BaseSaveHandler):
         save_on_rank: int = 0,
         tmp_dir: str | None = None,
         retry: Retry | None = None,
+        progress: Progress | None = None,
         **torch_save_kwargs: Any,
     ) -> None:
         limits = store.limits
@@ -110,6 +113,7 @@ class RemoteSaver(BaseSaveHandler):
         self.save_on_rank = save_on_rank
         self.tmp_dir = tmp_dir
         self.retry = retry or Retry()
+        self.progress = progress
         self.kwargs = torch_save_kwargs
         if distributed.get_rank() == save_on_rank:
             store.check_bucket()
@@ -135,7 +139,7 @@ class RemoteSaver(BaseSaveHandler):
     def url(self, filename: str) -> str:
         """Full URL of ``filename``, e.g. ``s3://bucket/prefix/model_3.pt``."""
         if filename == "":
-            return self.store.url(f"{self.prefix}/" if self.prefix else "")
+            return self.store.url(self._base)
         return self.store.url(self.key(filename))
 
     # ------------------------------------------------------------------------------------ save and remove
@@ -147,7 +151,8 @@ class RemoteSaver(BaseSaveHandler):
         )
 
     def _upload(self, checkpoint: Mapping, key: str, metadata: Mapping | None) -> None:
-        part_size = choose_part_size(self.store.limits, self.part_size, _estimate_nbytes(checkpoint))
+        expected = _estimate_nbytes(checkpoint)
+        part_size = choose_part_size(self.store.limits, self.part_size, expected)
         writer = PartWriter(
             self.store,
             key,
@@ -155,6 +160,8 @@ class RemoteSaver(BaseSaveHandler):
             max_concurrency=self.max_concurrency,
             metadata=_object_metadata(metadata),
             retry=self.retry,
+            progress=self.progress,
+            expected_size=expected,
         )
         try:
             serialization.save(checkpoint, writer, **self.kwargs)
@@ -219,7 +226,15 @@ class RemoteSaver(BaseSaveHandler):
         """
         key = self.key(filename)
         with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
-            download_to_file(self.store, key, file, part_size=self.part_size, max_concurrency=self.max_concurrency)
+            download_to_file(
+                self.store,
+                key,
+                file,
+                part_size=self.part_size,
+                max_concurrency=self.max_concurrency,
+                retry=self.retry,
+                progress=self.progress,
+            )
             return serialization.load(
                 file, map_location=map_location, weights_only=weights_only, name=self.url(filename)
             )

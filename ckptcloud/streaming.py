@@ -22,7 +22,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
@@ -30,6 +30,25 @@ from ckptcloud.retry import Retry
 from ckptcloud.stores.base import Store, StoreLimits
 
 logger = logging.getLogger("ckptcloud")
+
+Progress = Callable[[int, "int | None"], None]
+"""``progress(bytes_done, bytes_total)``: called from worker threads as parts/ranges finish; total may be None."""
+
+
+class _Meter:
+    """Thread-safe byte counter that reports to a progress callback."""
+
+    def __init__(self, progress: Progress | None, total: int | None) -> None:
+        self._progress, self.total, self.done = progress, total, 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        if self._progress is None:
+            return
+        with self._lock:
+            self.done += n
+            done = self.done
+        self._progress(done, self.total)
 
 
 def choose_part_size(limits: StoreLimits, part_size: int, expected_size: int) -> int:
@@ -71,8 +90,11 @@ class PartWriter(io.RawIOBase):
         max_concurrency: int,
         metadata: Mapping[str, str] | None = None,
         retry: Retry | None = None,
+        progress: Progress | None = None,
+        expected_size: int | None = None,
     ) -> None:
         super().__init__()
+        self._meter = _Meter(progress, expected_size)
         self._retry = retry or Retry()
         self._store = store
         self._key = key
@@ -184,9 +206,11 @@ class PartWriter(io.RawIOBase):
                     return None
             view = memoryview(buf)[:fill] if fill < len(buf) else memoryview(buf)
             with view:
-                return self._retry.call(
+                token = self._retry.call(
                     lambda: self._store.put_part(self._upload, number, view), f"part {number} of {self._url}"
                 )
+            self._meter.add(fill)
+            return token
         except BaseException as err:
             with self._lock:
                 if self._error is None:
@@ -204,6 +228,7 @@ class PartWriter(io.RawIOBase):
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
                 self._retry.call(lambda: self._store.put(self._key, view, self._metadata), f"uploading {self._url}")
+            self._meter.add(self._fill)
             self._finish()
             return
         if self._fill:
@@ -247,7 +272,14 @@ class PartWriter(io.RawIOBase):
 
 
 def download_to_file(
-    store: Store, key: str, file: IO[bytes], *, part_size: int, max_concurrency: int, retry: Retry | None = None
+    store: Store,
+    key: str,
+    file: IO[bytes],
+    *,
+    part_size: int,
+    max_concurrency: int,
+    retry: Retry | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
 
@@ -257,6 +289,7 @@ def download_to_file(
     retry = retry or Retry()
     url = store.url(key)
     size = retry.call(lambda: store.head(key), f"reading the size of {url}").size
+    meter = _Meter(progress, size)
     fd = file.fileno()
     os.ftruncate(fd, size)
     if size <= part_size or max_concurrency == 1:
@@ -271,7 +304,9 @@ def download_to_file(
         def resume() -> None:  # a retry continues from the last byte written
             nonlocal offset
             for chunk in store.read(key, offset, end):
-                offset += os.pwrite(fd, chunk, offset)
+                written = os.pwrite(fd, chunk, offset)
+                offset += written
+                meter.add(written)
             if offset != end:
                 raise OSError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
 

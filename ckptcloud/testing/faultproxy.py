@@ -123,7 +123,11 @@ class FaultProxy:
         self._stopping.set()
         with self._lock:
             sockets = list(self._sockets)
-        for sock in sockets:
+        for sock in sockets:  # shutdown wakes a thread blocked reading it; close alone does not
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             _close(sock)
         for thread in list(self._threads):
             thread.join(timeout=5)

@@ -237,3 +237,33 @@ def test_bad_retry_settings_are_named(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"`{name}`"):
         Retry(**kwargs)
+
+
+def test_progress_reports_every_byte_of_a_save_and_a_load():
+    seen: list[tuple[int, int | None]] = []
+    saver = RemoteSaver(
+        MemoryStore("bucket"), part_size=5 * MiB, max_concurrency=2, progress=lambda d, t: seen.append((d, t))
+    )
+    saver({"w": torch.zeros(3 * MiB)}, "p.pt")  # 12 MiB of tensors: three parts
+    stored = len(saver.store.objects["p.pt"][0])
+    assert seen[-1] == (stored, 12 * MiB)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == 3
+    seen.clear()
+    saver.load("p.pt")
+    assert seen[-1] == (stored, stored)
+
+
+def test_saver_load_retries_a_broken_download():
+    class BreaksOnce(MemoryStore):
+        broken = False
+
+        def read(self, key, start=0, end=None):
+            if not self.broken:
+                self.broken = True
+                raise ConnectionResetError("reset before the first byte")
+            yield from super().read(key, start, end)
+
+    saver = RemoteSaver(BreaksOnce("bucket"), part_size=5 * MiB, retry=FAST)
+    saver({"w": torch.arange(10.0)}, "x.pt")
+    assert torch.equal(saver.load("x.pt")["w"], torch.arange(10.0))
+    assert saver.store.broken
