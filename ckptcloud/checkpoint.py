@@ -28,6 +28,7 @@ from torch import nn
 
 from ckptcloud import distributed
 from ckptcloud._tree import tree_apply2, tree_leaves, tree_map
+from ckptcloud.background import BackgroundWriter
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
 
 logger = logging.getLogger("ckptcloud")
@@ -84,6 +85,7 @@ class Checkpoint:
         greater_or_equal: bool = False,
         save_on_rank: int = 0,
         resume: bool = False,
+        async_save: bool = False,
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
@@ -124,6 +126,7 @@ class Checkpoint:
         self._saved: list[Checkpoint.Item] = []
         self._metadata_mode = _metadata_mode(self.save_handler)
         self._warned_nan = False
+        self._background = BackgroundWriter(save_on_rank) if async_save else None
         if resume:
             self.resume()
 
@@ -194,6 +197,7 @@ class Checkpoint:
         return self._save(priority, global_step, score is not None, None)
 
     def _save(self, priority: Any, global_step: Any, with_score: bool, engine: Any) -> str | None:
+        self.wait()  # async: the previous save is stored and its bookkeeping done before this one is ranked
         if _is_non_finite(priority):
             if not self._warned_nan:
                 warnings.warn(
@@ -246,19 +250,48 @@ class Checkpoint:
         if self.include_self:
             payload["checkpointer"] = {"_saved": [(p, f) for p, f in kept]}
 
-        # Write first: if this raises, nothing below runs and nothing has changed.
+        # Write first, then evict: if the write raises, nothing has changed.
+        def finish() -> None:
+            self._saved = kept
+            for item in evicted:
+                self._remove(item.filename)
+            if engine is not None and hasattr(engine, "fire_event"):
+                _fire_saved_event(engine)
+
+        if self._background is None:
+            self._write(payload, filename, metadata)
+            finish()
+        else:
+            snapshot = distributed.snapshot(payload)  # every rank: XLA needs all of them; training may go on now
+            self._background.submit(lambda: self._write(snapshot, filename, metadata), finish, f"saving {filename}")
+        return filename
+
+    def _write(self, payload: Any, filename: str, metadata: dict[str, Any]) -> None:
         if self._metadata_mode == "positional":
             self.save_handler(payload, filename, metadata)
         elif self._metadata_mode == "keyword":
             self.save_handler(payload, filename, metadata=metadata)
         else:
             self.save_handler(payload, filename)
-        self._saved = kept
-        for item in evicted:
-            self._remove(item.filename)
-        if engine is not None and hasattr(engine, "fire_event"):
-            _fire_saved_event(engine)
-        return filename
+
+    # ------------------------------------------------------------------------------------------ async saves
+    def wait(self) -> None:
+        """With ``async_save=True``: block until the save in flight is stored, then update the kept list and run
+        its evictions. Raises the save's error if it failed (on every rank). A no-op for synchronous checkpoints.
+        """
+        if self._background is not None:
+            self._background.wait()
+
+    def close(self) -> None:
+        """Finish any save in flight (raising its error) and stop the background worker."""
+        if self._background is not None:
+            self._background.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _remove(self, filename: str) -> None:
         if not is_save_handler(self.save_handler):

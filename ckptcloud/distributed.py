@@ -7,8 +7,11 @@ raise together. :func:`to_cpu` is called on every rank because moving XLA tensor
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -73,6 +76,53 @@ def to_cpu(obj: Any) -> Any:
     return tree_map(lambda leaf: leaf.cpu() if _needs_move(leaf) else leaf, obj)
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block (on this thread), :func:`run_on_rank` runs no collective.
+
+    Background saves use it: a collective from a worker thread could interleave with the training loop's own.
+    Their outcome is agreed on later, on the main thread, with :func:`agree`.
+    """
+    _local.only = True
+    try:
+        yield
+    finally:
+        _local.only = False
+
+
+def agree(error: BaseException | None, src: int, what: str) -> None:
+    """Make every rank raise if rank ``src`` failed (and re-raise ``error`` on the rank that has it)."""
+    if get_world_size() > 1 and _torch_distributed_ready() and not getattr(_local, "only", False):
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(outcome, src=src)
+        if error is None and outcome[0] is not None:
+            raise RemoteSaveError(f"{what} failed on rank {src}: {outcome[0]}")
+    if error is not None:
+        raise error
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to the CPU, safe to serialize while training goes on.
+
+    One copy of the state: tensors on other devices are copied straight to the CPU (XLA's pending graph is run
+    first, on every rank); CPU tensors are cloned; other leaves are deep-copied.
+    """
+    if any(isinstance(leaf, torch.Tensor) and leaf.device.type == "xla" for leaf in tree_leaves(obj)):
+        xla = sys.modules.get("torch_xla")
+        if xla is not None and hasattr(xla, "sync"):
+            xla.sync()
+
+    def copy_leaf(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.detach().to("cpu", copy=True)
+        return copy.deepcopy(leaf)
+
+    return tree_map(copy_leaf, obj)
+
+
 def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
     """Run ``fn`` on ``rank`` only; every rank returns, or raises, together.
 
@@ -87,13 +137,7 @@ def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
             result = fn()
         except BaseException as err:
             error = err
-    if get_world_size() > 1 and _torch_distributed_ready():
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        torch.distributed.broadcast_object_list(outcome, src=rank)
-        if error is None and outcome[0] is not None:
-            raise RemoteSaveError(f"{what} failed on rank {rank}: {outcome[0]}")
-    if error is not None:
-        raise error
+    agree(error, rank, what)
     return result
 
 
