@@ -125,7 +125,7 @@ def test_a_failure_is_raised_by_the_next_save_too(store):
 
 def test_context_manager_flushes_and_close_refuses_more_saves(store):
     store.gate.set()
-    model, ckpt = make(store)
+    _, ckpt = make(store)
     with ckpt:
         ckpt.save(global_step=5)
     assert sorted(store.objects) == ["run/model_5.pt"]
@@ -135,7 +135,7 @@ def test_context_manager_flushes_and_close_refuses_more_saves(store):
 
 def test_async_checkpoint_as_an_ignite_handler(store):
     store.gate.set()
-    model, ckpt = make(store, n_saved=2)
+    _, ckpt = make(store, n_saved=2)
     trainer = Engine(lambda engine, batch: None)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, ckpt)
     trainer.add_event_handler(Events.COMPLETED, lambda engine: ckpt.wait())
