@@ -1,5 +1,7 @@
 """ckptcloud: stream PyTorch checkpoints to cloud object storage and keep only the ones worth keeping."""
 
+import logging
+
 from ckptcloud.checkpoint import Checkpoint
 from ckptcloud.errors import CkptcloudError, IntegrityError, RemoteSaveError, TransientError
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
@@ -27,3 +29,6 @@ __all__ = [
     "saver_from_url",
 ]
 __version__ = "0.1.0"
+
+# Library convention: no output unless the application configures logging for "ckptcloud".
+logging.getLogger("ckptcloud").addHandler(logging.NullHandler())

@@ -267,3 +267,32 @@ def test_saver_load_retries_a_broken_download():
     saver({"w": torch.arange(10.0)}, "x.pt")
     assert torch.equal(saver.load("x.pt")["w"], torch.arange(10.0))
     assert saver.store.broken
+
+
+QUIET_SCRIPT = """
+import torch
+from ckptcloud.remote import RemoteSaver
+from ckptcloud.retry import Retry
+from ckptcloud.stores.memory import MemoryStore
+
+class Flaky(MemoryStore):
+    failed = False
+    def put(self, key, data, metadata):
+        if not self.failed:
+            self.failed = True
+            raise ConnectionResetError("reset")
+        super().put(key, data, metadata)
+
+saver = RemoteSaver(Flaky("b"), retry=Retry(initial_backoff=0.001))
+saver({"w": torch.ones(1)}, "x.pt")
+print("saved", saver.store.failed)
+"""
+
+
+def test_the_library_prints_nothing_by_default_even_when_it_retries():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "saved True"
+    assert "retrying" not in out.stderr and "reset" not in out.stderr
