@@ -30,6 +30,7 @@ from ckptcloud import distributed
 from ckptcloud._tree import tree_apply2, tree_leaves, tree_map
 from ckptcloud.background import BackgroundWriter
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
+from ckptcloud.stores.base import ObjectInfo
 
 logger = logging.getLogger("ckptcloud")
 
@@ -391,7 +392,7 @@ class Checkpoint:
             self._remove(item.filename)
         return list(self._saved)
 
-    def _matching_items(self, stored: Mapping[str, Mapping[str, str]]) -> list[Checkpoint.Item]:
+    def _matching_items(self, stored: Mapping[str, ObjectInfo]) -> list[Checkpoint.Item]:
         from urllib.parse import unquote
 
         from ckptcloud._resume import pattern_regex, priority_from
@@ -411,7 +412,8 @@ class Checkpoint:
         known = {"filename_prefix": self.filename_prefix, "ext": self.ext, "name": name, "score_name": self.score_name}
         regexes = [pattern_regex(pattern, known) for pattern in patterns]
         items = []
-        for filename, metadata in stored.items():
+        for filename, info in stored.items():
+            metadata = info.metadata
             match = next((m for m in (r.fullmatch(filename) for r in regexes) if m), None)
             if match is None:
                 continue

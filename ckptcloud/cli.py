@@ -1,19 +1,384 @@
-"""The ``ckptcloud`` command (also ``python -m ckptcloud``)."""
+"""The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove and prune checkpoints.
+
+Exit codes: 0 ok; 1 the operation failed (integrity, load refused, transfer failed); 2 usage error, bad URL, unknown
+scheme or refused confirmation; 3 not found; 4 permission denied or missing credentials; 5 cannot reach the endpoint.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import re
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote
+
+import torch
+
+from ckptcloud import serialization
+from ckptcloud._tree import tree_leaves
+from ckptcloud.errors import CkptcloudError, IntegrityError
+from ckptcloud.handlers import DiskSaver, check_filename
+from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+from ckptcloud.urls import saver_from_url, split_url
+
+MiB = 1024 * 1024
+_NUM, _INT = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"-?\d+")
+_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"}
+
+
+class CliError(Exception):
+    """A failure that exits with ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Bar:
+    """``progress(done, total)``: a one-line bar on stderr, only on a TTY, for more than 8 MiB, unless quiet."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self.label, self.on, self.drawn, self.last = label, not quiet and sys.stderr.isatty(), False, 0.0
+        self.start, self.lock = time.monotonic(), threading.Lock()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if not self.on or not total or total <= 8 * MiB or (done < total and now - self.last < 0.1):
+            return
+        with self.lock:
+            self.last, self.drawn, rate = now, True, done / max(now - self.start, 1e-6) / 1e6
+            mib = f"{done / MiB:.1f}/{total / MiB:.1f} MiB"
+            sys.stderr.write(f"\r{self.label} {100 * done / total:5.1f}%  {mib}  {rate:.1f} MB/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+
+
+# ------------------------------------------------------------------------------------- URLs, transfers
+def _folder_saver(url: str) -> Any:
+    """The saver of a prefix URL that may already hold checkpoints; a missing local folder is not created."""
+    scheme, _, path = split_url(url)
+    if scheme == "file" and not Path(path).is_dir():
+        raise FileNotFoundError(f"no folder at {url}")
+    return saver_from_url(url, require_empty=False, **({"create_dir": False} if scheme == "file" else {}))
+
+
+def _object(url: str, *, create: bool = False, must_exist: bool = True) -> tuple[Any, str]:
+    """``(saver of its folder, filename)`` for an object URL such as ``s3://bucket/prefix/model_3.pt``."""
+    scheme, bucket, key = split_url(url)
+    folder, _, name = key.rpartition("/")
+    if not name:
+        raise CliError(2, f"{url} names no object (it ends with '/')")
+    check_filename(name)
+    if scheme != "file":
+        saver = saver_from_url(f"{scheme}://{bucket}/{folder}", require_empty=False)
+        if must_exist:  # FileNotFoundError naming the URL
+            saver.retry.call(lambda: saver.store.head(saver.key(name)), f"reading {url}")
+        return saver, name
+    if must_exist and not Path(key).is_file():
+        raise FileNotFoundError(f"no file at {url}")
+    return DiskSaver(folder or "/", require_empty=False, create_dir=create), name
+
+
+def _copy(src: IO[bytes], dst: IO[bytes], bar: _Bar) -> int:
+    total, done = os.fstat(src.fileno()).st_size, 0
+    while chunk := src.read(8 * MiB):
+        done += dst.write(chunk)
+        bar(done, total)
+    dst.flush()
+    return done
+
+
+def _download(saver: Any, name: str, file: IO[bytes], bar: _Bar) -> int:
+    """The object into the real file ``file``: ranged GETs in parallel for remote stores; returns the size."""
+    if isinstance(saver, DiskSaver):
+        with open(saver.dirname / name, "rb") as src:
+            size = _copy(src, file, bar)
+    else:
+        options = {"part_size": saver.part_size, "max_concurrency": saver.max_concurrency, "retry": saver.retry}
+        size = download_to_file(saver.store, saver.key(name), file, progress=bar, **options)
+    bar.close()
+    return size
+
+
+def _atomic_write(dest: Path, fill: Callable[[IO[bytes]], Any]) -> Any:
+    """``fill`` a temporary file next to ``dest``, then rename it into place; nothing is left on failure."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w+b") as file:
+            result = fill(file)
+            file.flush()
+            os.fsync(file.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # like a file created with open(); mkstemp makes it 0o600
+        os.replace(tmp, dest)
+        return result
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _upload(saver: Any, name: str, src: Path, bar: _Bar) -> None:
+    """Stream ``src`` in chunks through the saver's pipeline (no torch round trip); commit once or abort."""
+    with open(src, "rb") as source:
+        if isinstance(saver, DiskSaver):
+            _atomic_write(saver.dirname / name, lambda file: _copy(source, file, bar))
+            return
+        size = os.fstat(source.fileno()).st_size
+        part_size = choose_part_size(saver.store.limits, saver.part_size, size)
+        options = {"max_concurrency": saver.max_concurrency, "retry": saver.retry, "progress": bar}
+        writer = PartWriter(saver.store, saver.key(name), part_size=part_size, expected_size=size, **options)
+        try:
+            buf = memoryview(bytearray(part_size))
+            while n := source.readinto(buf):
+                writer.write(buf[:n])
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _integrity(file: IO[bytes], name: str) -> str:
+    return "verified CRC32C" if serialization.verify(file, name) else "no ckptcloud trailer: not verifiable"
+
+
+# ------------------------------------------------------------------------------------ listing, ranking
+def _number(text: str) -> float | None:
+    value = float(text) if _NUM.fullmatch(text) else math.nan
+    return value if math.isfinite(value) else None
+
+
+def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:
+    """``(step, score)`` from the exact metadata priority, else from the filename; ``None`` where unknown."""
+    stem, step, score = name.removesuffix(".pt"), None, None
+    base = unquote(meta.get("ckptcloud_basename", ""))
+    stem = stem[len(base) :] if base and stem.startswith(base + "_") else stem
+    if "=" in stem:  # ..._{step}_{score_name}={score} or ..._{score_name}={score}
+        head, _, text = stem.rpartition("=")
+        score, found = _number(text), re.match(r".*_(-?\d+)_", head)
+        step = int(found.group(1)) if found else None
+    elif len(parts := stem.split("_")) >= 2:  # ..._{step}, ..._{score} (decimal), ..._{step}_{score}
+        last, prev = parts[-1], parts[-2] if len(parts) >= 3 else ""
+        if _INT.fullmatch(last):
+            step = None if _INT.fullmatch(prev) else int(last)  # two trailing integers: ambiguous, left blank
+        elif (score := _number(last)) is not None and _INT.fullmatch(prev):
+            step = int(prev)
+    raw = unquote(meta.get("ckptcloud_priority", ""))
+    if (value := _number(raw)) is not None:  # the priority is the score when there is one, else the step
+        if "ckptcloud_score_name" in meta or score is not None or not _INT.fullmatch(raw):
+            score = value
+        else:
+            step = int(raw)
+    return step, score
+
+
+def _rows(saver: Any) -> list[dict[str, Any]]:
+    items = [(n, info.size, info.last_modified, info.metadata) for n, info in saver.describe().items()]
+    rows = []
+    for name, size, mtime, meta in items:
+        step, score = _rank(name, meta)
+        when = None if mtime is None else datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+        rows.append({"name": name, "step": step, "score": score, "size": size, "time": when})
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise CliError(2, f"not confirmed (stdin is not interactive): pass --yes to {question}")
+    print(f"{question}? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise CliError(2, "not confirmed: nothing deleted")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _ls(args: argparse.Namespace) -> None:
+    rows = _rows(_folder_saver(args.url))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    cells = [["name", "step", "score", "size", "time (UTC)"]]
+    for r in rows:
+        cells.append([r["name"], *("" if r[k] is None else str(r[k]) for k in ("step", "score"))])
+        cells[-1] += [_human(r["size"]), r["time"] or ""]
+    widths = [max(len(line[i]) for line in cells) for i in range(5)]
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _get(args: argparse.Namespace) -> None:
+    (saver, name), dest, start = _object(args.url), Path(args.dest), time.monotonic()
+    dest = dest / name if dest.is_dir() else dest
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(f"no folder {dest.parent} to write {dest.name} into")
+    bar = _Bar("get", args.quiet)
+    try:
+        size, check = _atomic_write(dest, lambda f: (_download(saver, name, f, bar), _integrity(f, args.url)))
+    except IntegrityError as err:
+        raise CliError(1, f"{err}; {dest} was not written") from err
+    print(f"{args.url} -> {dest} ({_human(size)}, {time.monotonic() - start:.1f} s): {check}")
+
+
+def _put(args: argparse.Namespace) -> None:
+    src, start = Path(args.src), time.monotonic()
+    if not src.is_file():
+        raise FileNotFoundError(f"no file at {src}")
+    url = args.url + src.name if args.url.endswith("/") else args.url
+    saver, name = _object(url, create=True, must_exist=False)
+    with open(src, "rb") as file:
+        check = _integrity(file, str(src))  # a damaged checkpoint is refused before anything is uploaded
+    bar = _Bar("put", args.quiet)
+    _upload(saver, name, src, bar)
+    bar.close()
+    print(f"{src} -> {url} ({_human(src.stat().st_size)}, {time.monotonic() - start:.1f} s): {check}")
+
+
+def _rm(args: argparse.Namespace) -> None:
+    saver, name = _object(args.url)
+    _confirm(f"delete {args.url}", args.yes)
+    saver.remove(name)
+    print(f"deleted {args.url}")
+
+
+def _prune(args: argparse.Namespace) -> None:
+    saver, by = _folder_saver(args.url), args.by
+    rows = _rows(saver)  # only checkpoints whose score (or step) is known are candidates
+    ranked = sorted((r for r in rows if r[by] is not None), key=lambda r: (r[by], r["time"] or ""), reverse=True)
+    keep, drop = ranked[: args.keep], ranked[args.keep :]
+    for verb, group in (("keep", keep), ("would delete" if args.dry_run else "delete", drop)):
+        for row in group:
+            print(f"{verb}  {row['name']}  ({by}={row[by]})")
+    if unranked := [r["name"] for r in rows if r[by] is None]:
+        print(f"left alone (no {by} known): {', '.join(unranked)}", file=sys.stderr)
+    if not drop or args.dry_run:
+        print("nothing deleted" + (" (dry run)" if args.dry_run else ""))
+        return
+    _confirm(f"delete {len(drop)} checkpoint(s) under {args.url}", args.yes)
+    for row in drop:
+        saver.remove(row["name"])
+    print(f"deleted {len(drop)} checkpoint(s), kept {len(keep)}")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    (saver, name), url = _object(args.url), args.url
+    with tempfile.TemporaryFile(prefix="ckptcloud-") as file:
+        _download(saver, name, file, _Bar("verify", args.quiet))
+        print(f"{url}: {_integrity(file, url)}")
+        try:
+            obj = serialization.load(file, weights_only=True, map_location="cpu", name=url)
+        except Exception as err:
+            raise CliError(1, f"load refused: {err}" if url in str(err) else f"{url}: load refused: {err}") from err
+    tensors = [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+    print(f"{url}: loads with weights_only=True ({len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))})")
+
+
+def _cleanup(args: argparse.Namespace) -> None:
+    removed = _folder_saver(args.url).cleanup_incomplete(older_than=args.older_than)
+    for item in removed:
+        print(f"discarded {item}")
+    print(f"{len(removed)} incomplete upload(s) older than {args.older_than:g} s discarded under {args.url}")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    epilog = __doc__.split("\n\n")[1]
+    parser = argparse.ArgumentParser(prog="ckptcloud", description="Manage checkpoints in storage.", epilog=epilog)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, run: Callable[[argparse.Namespace], None], text: str, *positional: str) -> Any:
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.set_defaults(run=run)
+        for arg in positional:
+            cmd.add_argument(arg, metavar=arg.upper())
+        return cmd
+
+    add("ls", _ls, "list the checkpoints under URL", "url").add_argument("--json", action="store_true")
+    for cmd in (
+        add("get", _get, "download one object to DEST (atomic, integrity checked)", "url", "dest"),
+        add("put", _put, "upload a local file as the object at URL (streamed in parts)", "src", "url"),
+        add("verify", _verify, "check the integrity trailer, then torch.load(weights_only=True)", "url"),
+    ):
+        cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add("rm", _rm, "delete one object", "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
+    prune = add("prune", _prune, "keep the N best (or latest) *.pt checkpoints under URL, delete the others", "url")
+    prune.add_argument("--keep", type=_count, required=True, metavar="N", help="how many checkpoints to keep")
+    prune.add_argument("--by", choices=["score", "step"], default="score", help="highest score (default) or step")
+    prune.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    cleanup = add("cleanup", _cleanup, "discard incomplete uploads a killed process left under URL", "url")
+    cleanup.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS", help="default: 3600")
+    sub.add_parser("demo", help="train, checkpoint to a local S3 server, restore (see 'ckptcloud demo -h')")
+    return parser
+
+
+def _exit_code(err: BaseException) -> int:
+    chain = (err, err.__cause__, getattr(err, "cause", None))  # ``cause``: google.api_core's RetryError
+    names = {cls.__name__ for e in chain if isinstance(e, BaseException) for cls in type(e).__mro__}
+    if isinstance(err, CliError):
+        return err.code
+    if isinstance(err, FileNotFoundError):
+        return 3
+    if isinstance(err, PermissionError) or names & _CREDENTIALS:
+        return 4
+    if isinstance(err, (ValueError, ImportError)) and "credential" in str(err):
+        return 4  # Azure without a connection string, account URL or credential
+    if isinstance(err, (ConnectionError, TimeoutError)) or names & {"ConnectionError", "Timeout"}:
+        return 5
+    bad_input = isinstance(err, (ValueError, TypeError, ImportError)) or "ParamValidationError" in names
+    return 2 if bad_input and not isinstance(err, CkptcloudError) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``ckptcloud demo [...]``."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: ckptcloud demo [--url s3://bucket/prefix] [--epochs N] [--n-saved N]")
-        return 0 if args else 2
-    if args[0] == "demo":
+    """Run ``ckptcloud COMMAND ...``; returns the exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["demo"]:
         from ckptcloud.demo import main as demo_main
 
         return demo_main(args[1:])
-    print(f"ckptcloud: unknown command {args[0]!r}; try 'ckptcloud --help'", file=sys.stderr)
-    return 2
+    parser = _parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        ns.run(ns)
+        return 0
+    except KeyboardInterrupt:
+        print("ckptcloud: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("CKPTCLOUD_DEBUG"):
+            raise
+        known = type(err).__module__ in ("builtins", "ckptcloud.errors", __name__) and str(err)
+        notes = "".join(f" ({note.removeprefix('ckptcloud: ')})" for note in getattr(err, "__notes__", []))
+        print(f"ckptcloud: {err if known else f'{type(err).__name__}: {err}'}{notes}", file=sys.stderr)
+        return _exit_code(err)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ckptcloud import distributed, serialization
 from ckptcloud._ignite import register_with_ignite
+from ckptcloud.stores.base import ObjectInfo
 
 
 class BaseSaveHandler(ABC):
@@ -188,9 +189,13 @@ class DiskSaver(BaseSaveHandler):
                 removed.append(path.name)
         return removed
 
-    def describe(self) -> dict[str, dict[str, str]]:
-        """Each checkpoint in the folder; files carry no metadata, so resumes read priorities from the names."""
-        return {name: {} for name in self.list()}
+    def describe(self) -> dict[str, ObjectInfo]:
+        """Each checkpoint in the folder with its size and time; files carry no metadata (resumes read the names)."""
+        out = {}
+        for name in self.list():
+            stat = (self.dirname / name).stat()
+            out[name] = ObjectInfo(name, stat.st_size, stat.st_mtime, {})
+        return out
 
     def url(self, filename: str) -> str:
         """``file://`` URL of ``filename``."""

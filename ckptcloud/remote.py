@@ -116,7 +116,7 @@ class RemoteSaver(BaseSaveHandler):
         self.progress = progress
         self.kwargs = torch_save_kwargs
         if distributed.get_rank() == save_on_rank:
-            store.check_bucket()
+            self.retry.call(store.check_bucket, f"checking {self.url('')}")
             if require_empty:
                 existing = self.list()
                 if existing:
@@ -175,7 +175,8 @@ class RemoteSaver(BaseSaveHandler):
 
     def remove(self, filename: str) -> None:
         key = self.key(filename)
-        distributed.run_on_rank(self.save_on_rank, lambda: self.store.delete(key), f"removing {self.url(filename)}")
+        what = f"removing {self.url(filename)}"
+        distributed.run_on_rank(self.save_on_rank, lambda: self.retry.call(lambda: self.store.delete(key), what), what)
 
     # ------------------------------------------------------------------------------------- read and list
     @property
@@ -187,18 +188,22 @@ class RemoteSaver(BaseSaveHandler):
         return sorted(self._checkpoints())
 
     def _checkpoints(self) -> dict[str, ObjectInfo]:
-        infos = ((info.key[len(self._base) :], info) for info in self.store.list(self._base))
+        listed = self.retry.call(lambda: self.store.list(self._base), f"listing {self.url('')}")
+        infos = ((info.key[len(self._base) :], info) for info in listed)
         return {name: info for name, info in infos if name.endswith(".pt") and "/" not in name}
 
-    def describe(self) -> dict[str, dict[str, str]]:
-        """Each checkpoint under the prefix with the metadata saved with it (exact priority, score name, basename).
+    def describe(self) -> dict[str, ObjectInfo]:
+        """Each ``*.pt`` checkpoint directly under the prefix: size, time and the metadata saved with it.
 
-        Used by :meth:`ckptcloud.Checkpoint.resume`. Values are as stored (percent-encoded text).
+        The metadata holds the exact priority, score name and basename (percent-encoded text), as used by
+        :meth:`ckptcloud.Checkpoint.resume` and the ``ckptcloud`` command. Stores whose listing omits metadata
+        (S3) cost one HEAD request per checkpoint.
         """
         out = {}
         for name, info in sorted(self._checkpoints().items()):
-            meta = info.metadata or self.retry.call(lambda k=info.key: self.store.head(k), "reading metadata").metadata
-            out[name] = dict(meta)
+            if not info.metadata:
+                info = self.retry.call(lambda k=info.key: self.store.head(k), f"reading {self.url(name)}")
+            out[name] = info
         return out
 
     def cleanup_incomplete(self, older_than: float = 0.0) -> list[str]:
@@ -212,7 +217,8 @@ class RemoteSaver(BaseSaveHandler):
             return []
         now = time.time()
         discarded = []
-        for item in self.store.list_incomplete(self._base):
+        incomplete = self.retry.call(lambda: self.store.list_incomplete(self._base), f"listing {self.url('')}")
+        for item in incomplete:
             if item.started is not None and now - item.started < older_than:
                 continue
             self.retry.call(lambda u=item.upload: self.store.abort(u), f"discarding {self.store.url(item.key)}")

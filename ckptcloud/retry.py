@@ -32,7 +32,9 @@ class Retry:
         max_attempts: attempts per request, the first included (1 disables retries).
         initial_backoff: upper bound of the first wait in seconds; it doubles per attempt (full jitter).
         max_backoff: cap of one wait in seconds.
-        deadline: give up once this many seconds have passed since the first attempt of the request.
+        deadline: do not start another attempt once this many seconds have passed since the first one. A running
+            attempt is bounded by the SDK's timeouts (ckptcloud sets 10 s to connect and 120 s per read on the
+            clients it builds), so one request can end up to one attempt's length past the deadline.
 
     Example:
         >>> calls = []

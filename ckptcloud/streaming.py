@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any
 
+from ckptcloud.errors import TransientError
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import Store, StoreLimits
 
@@ -308,7 +309,7 @@ def download_to_file(
                 offset += written
                 meter.add(written)
             if offset != end:
-                raise OSError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
+                raise TransientError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
 
         retry.call(resume, f"downloading bytes {start}..{end} of {url}")
         return end - start

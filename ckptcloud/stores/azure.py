@@ -170,6 +170,9 @@ def make_container_client(
         "max_single_get_size": READ_CHUNK_SIZE,
         "max_chunk_get_size": READ_CHUNK_SIZE,
         "max_single_put_size": MAX_BLOCK_SIZE,  # put is always one Put Blob request
+        "retry_total": 0,  # the pipeline retries each request (the SDK's own first backoff is 15 s)
+        "connection_timeout": 10,
+        "read_timeout": 120,
         **({"api_version": api_version} if api_version else {}),
     }
     if connection_string:

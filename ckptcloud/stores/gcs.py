@@ -3,8 +3,10 @@
 Compose, because the pipeline uploads parts concurrently: GCS resumable uploads take chunks strictly in order, and
 fake-gcs-server lacks the XML multipart API. Part *n* goes to ``{dirname(key)}/.ckptcloud-tmp/{upload_id}/part-n``
 (invisible to ``RemoteSaver.list``); ``complete`` composes groups of 32 (GCS's limit) into intermediates until at most
-32 remain, then once into ``key`` with the metadata, so the object appears whole or not at all. Composes hard-delete
-their sources (``deleteSourceObjects``: no soft-delete charges); leftovers (emulators ignore the flag) are deleted.
+32 remain, then once into ``key`` with the metadata, so the object appears whole or not at all; the temporaries are
+deleted afterwards. (Composes do not delete their own sources: a compose retried after a lost response would find
+them gone and fail although the object was published.) The SDK's own retries are off: the pipeline retries each
+request, so a dead endpoint fails within the pipeline's bounds rather than the SDK's 120 s per call.
 
 Limits: parts of 256 KiB to 5 GiB in multiples of 256 KiB (GCS's upload unit; compose has no minimum); at most 10,000
 parts like S3, so part sizes match S3's (10,000 parts take 313 + 10 + 1 composes). Objects up to 5 TiB.
@@ -26,7 +28,7 @@ from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store,
 
 MAX_COMPOSE_SOURCES = 32
 TMP_FOLDER = ".ckptcloud-tmp"
-_TIMEOUT = (60, 300)  # seconds to connect, and to wait for each read
+_TIMEOUT = (10, 120)  # seconds to connect, and to wait for each read
 _OCTET = "application/octet-stream"
 
 
@@ -68,25 +70,22 @@ class GCSStore(Store):
             raise FileNotFoundError(f"no object at {target} ({what})") from err
         except (exceptions.Forbidden, exceptions.Unauthorized) as err:
             raise PermissionError(f"access denied to {target} ({what}): {err.code} {err.message}") from err
+        except exceptions.RetryError as err:
+            raise TransientError(f"GCS did not answer for {target} ({what}): {err}") from err
         except (exceptions.ServerError, exceptions.TooManyRequests) as err:
             raise TransientError(f"GCS answered {err.code} for {target} ({what})") from err
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
             raise TransientError(f"cannot reach the GCS endpoint for {target} ({what}): {err}") from err
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One JSON-API request on the client's authorized session, retried like the SDK's (bodies are views)."""
+        """One JSON-API request on the client's authorized session (bodies are views; the pipeline retries)."""
         from google.api_core import exceptions
-        from google.cloud.storage.retry import DEFAULT_RETRY
 
         url = self.client._connection.get_api_base_url_for_mtls() + path
-
-        def once() -> Any:
-            response = self.client._http.request(method, url, timeout=_TIMEOUT, **kwargs)
-            if response.status_code >= 400:
-                raise exceptions.from_http_response(response)
-            return response
-
-        return DEFAULT_RETRY(once)()
+        response = self.client._http.request(method, url, timeout=_TIMEOUT, **kwargs)
+        if response.status_code >= 400:
+            raise exceptions.from_http_response(response)
+        return response
 
     def _post(self, params: dict[str, str], body: Any, content_type: str) -> None:
         path = f"/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
@@ -94,7 +93,7 @@ class GCSStore(Store):
 
     def check_bucket(self) -> None:
         with self._errors("checking the bucket"):  # listing needs only object rights, unlike a bucket GET
-            next(iter(self.client.list_blobs(self.bucket, max_results=1)), None)
+            next(iter(self.client.list_blobs(self.bucket, max_results=1, retry=None, timeout=_TIMEOUT)), None)
 
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
         """One multipart upload (object and metadata in one request); copies the small object once."""
@@ -136,15 +135,13 @@ class GCSStore(Store):
             logging.getLogger("ckptcloud").warning("could not delete parts under %s: %s", self.url(tmp), err)
 
     def _compose(self, name: str, sources: list[str], metadata: Mapping[str, str] | None = None) -> str:
-        """Compose ``sources`` into ``name``, deleting them (a retry after a lost success fails: sources gone)."""
-        from google.cloud.storage.retry import DEFAULT_RETRY
-
+        """Compose ``sources`` into ``name`` (idempotent: the sources stay until the upload is finished)."""
         bucket = self.client.bucket(self.bucket)
         blob = bucket.blob(name)
         blob.content_type = _OCTET
         if metadata:
             blob.metadata = dict(metadata)
-        blob.compose([bucket.blob(s) for s in sources], retry=DEFAULT_RETRY, delete_source_objects=True)
+        blob.compose([bucket.blob(s) for s in sources], retry=None, timeout=_TIMEOUT)
         return name
 
     def abort(self, upload: GCSUpload) -> None:
@@ -154,7 +151,7 @@ class GCSStore(Store):
     def head(self, key: str) -> ObjectInfo:
         blob = self.client.bucket(self.bucket).blob(key)
         with self._errors("reading the metadata", key):
-            blob.reload()
+            blob.reload(retry=None, timeout=_TIMEOUT)
         return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), dict(blob.metadata or {}))
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
@@ -177,11 +174,11 @@ class GCSStore(Store):
         from google.api_core.exceptions import NotFound
 
         with self._errors("deleting", key), contextlib.suppress(NotFound):
-            self.client.bucket(self.bucket).delete_blob(key)
+            self.client.bucket(self.bucket).delete_blob(key, retry=None, timeout=_TIMEOUT)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         with self._errors(f"listing {prefix!r}"):
-            blobs = self.client.list_blobs(self.bucket, prefix=prefix)
+            blobs = self.client.list_blobs(self.bucket, prefix=prefix, retry=None, timeout=_TIMEOUT)
             return [ObjectInfo(b.name, int(b.size), b.updated.timestamp(), dict(b.metadata or {})) for b in blobs]
 
 
