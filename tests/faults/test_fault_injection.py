@@ -371,7 +371,7 @@ def test_a_server_killed_mid_upload_fails_the_save_fast_and_publishes_nothing_an
         old = state(99, mib=6)
         saver(old, "old.pt")
         if kind == "azure":  # Azurite writes its metadata to disk on a ~5 s timer or at exit: flush it now
-            server.stop()
+            server.stop(remove_data=False)
             server.start()
         trials: list[dict] = []
         for trial in range(KILL_TRIALS):
