@@ -56,7 +56,7 @@ class Target:
             import boto3
             from botocore.config import Config
 
-            from ckptcloud.stores.s3 import S3Saver
+            from ckptcloud.savers import S3Saver
 
             config = Config(max_pool_connections=16, s3={"addressing_style": "path"})
             self.client = boto3.client("s3", endpoint_url=endpoint, config=config)
@@ -65,7 +65,7 @@ class Target:
             from google.auth.credentials import AnonymousCredentials
             from google.cloud import storage
 
-            from ckptcloud.stores.gcs import GCSSaver
+            from ckptcloud.savers import GCSSaver
 
             options = {"api_endpoint": endpoint}
             self.client = storage.Client(project="bench", credentials=AnonymousCredentials(), client_options=options)
@@ -73,7 +73,7 @@ class Target:
         else:
             from azure.storage.blob import ContainerClient
 
-            from ckptcloud.stores.azure import AzureBlobSaver
+            from ckptcloud.savers import AzureBlobSaver
 
             self.client = ContainerClient.from_connection_string(endpoint, bucket, api_version="2025-11-05")
             self.saver = AzureBlobSaver(bucket, "bench", container_client=self.client, require_empty=False)

@@ -7,9 +7,7 @@ from ckptcloud.errors import CkptcloudError, IntegrityError, RemoteSaveError, Tr
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
-from ckptcloud.stores.azure import AzureBlobSaver
-from ckptcloud.stores.gcs import GCSSaver
-from ckptcloud.stores.s3 import S3Saver
+from ckptcloud.savers import AzureBlobSaver, GCSSaver, S3Saver
 from ckptcloud.urls import load_checkpoint, saver_from_url
 
 __all__ = [

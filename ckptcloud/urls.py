@@ -15,9 +15,9 @@ from ckptcloud.handlers import DiskSaver, check_filename
 
 # scheme -> (module, saver class, pip extra, SDK module that must be importable)
 _SCHEMES: dict[str, tuple[str, str, str, str]] = {
-    "s3": ("ckptcloud.stores.s3", "S3Saver", "s3", "boto3"),
-    "gs": ("ckptcloud.stores.gcs", "GCSSaver", "gcs", "google.cloud.storage"),
-    "az": ("ckptcloud.stores.azure", "AzureBlobSaver", "azure", "azure.storage.blob"),
+    "s3": ("ckptcloud.savers", "S3Saver", "s3", "boto3"),
+    "gs": ("ckptcloud.savers", "GCSSaver", "gcs", "google.cloud.storage"),
+    "az": ("ckptcloud.savers", "AzureBlobSaver", "azure", "azure.storage.blob"),
 }
 
 

@@ -17,7 +17,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.errors import TransientError
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
 
 # Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
@@ -139,7 +138,7 @@ def make_container_client(
     account_url: str | None = None,
     credential: Any = None,
     api_version: str | None = None,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int = 8,
 ) -> Any:
     """A ``ContainerClient`` from ``connection_string``, else ``account_url`` + ``credential``, else the environment:
     ``AZURE_STORAGE_CONNECTION_STRING``, then ``AZURE_STORAGE_ACCOUNT_URL`` (or ``AZURE_STORAGE_ACCOUNT``) with
@@ -187,54 +186,3 @@ def make_container_client(
             ) from err
         credential = DefaultAzureCredential()
     return ContainerClient(account_url, container, credential=credential, **options)
-
-
-class AzureBlobSaver(RemoteSaver):
-    """Save handler for Azure Blob Storage: blocks staged concurrently with bounded memory, one atomic commit.
-
-    Args:
-        container: an existing container.
-        prefix: blob-name prefix for every checkpoint.
-        container_client: a ready ``ContainerClient`` for ``container``; else one is made from ``connection_string``,
-            or ``account_url`` (may hold a SAS) + ``credential`` (default ``DefaultAzureCredential()``, from
-            azure-identity), or the environment (see :func:`make_container_client`). Credentials never appear in
-            a repr, a log line or an error message. A client you pass keeps its own settings (connection pool,
-            download chunk size ``max_chunk_get_size``; its first ranged GET is ``max_single_get_size``).
-        api_version: the storage REST version, e.g. ``"2025-11-05"`` for Azurite 3.35.
-        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
-            Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
-
-    Example:
-        >>> saver = AzureBlobSaver("ckpts", "runs/42", connection_string=conn_str)  # doctest: +SKIP
-        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        container: str,
-        prefix: str = "",
-        *,
-        container_client: Any = None,
-        connection_string: str | None = None,
-        account_url: str | None = None,
-        credential: Any = None,
-        api_version: str | None = None,
-        **options: Any,
-    ) -> None:
-        check_bucket_name(container, "container")
-        if container_client is None:
-            container_client = make_container_client(
-                container,
-                connection_string,
-                account_url,
-                credential,
-                api_version,
-                options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
-            )
-        elif container_client.container_name != container:
-            raise ValueError(
-                f"Argument `container_client` is for container {container_client.container_name!r}, not {container!r}"
-            )
-        super().__init__(AzureBlobStore(container_client), prefix, **options)

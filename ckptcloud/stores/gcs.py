@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from ckptcloud.errors import TransientError
-from ckptcloud.remote import RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 MAX_COMPOSE_SOURCES = 32
@@ -180,43 +179,3 @@ class GCSStore(Store):
         with self._errors(f"listing {prefix!r}"):
             blobs = self.client.list_blobs(self.bucket, prefix=prefix, retry=None, timeout=_TIMEOUT)
             return [ObjectInfo(b.name, int(b.size), b.updated.timestamp(), dict(b.metadata or {})) for b in blobs]
-
-
-class GCSSaver(RemoteSaver):
-    """Save handler for Google Cloud Storage: streamed parallel composite uploads with bounded memory.
-
-    Credentials come from Application Default Credentials or the ``client`` you pass (``STORAGE_EMULATOR_HOST``
-    points the default client at an emulator); they never appear in a repr, a log line or an error message.
-
-    Args:
-        bucket: an existing bucket.
-        prefix: object-name prefix for every checkpoint.
-        client: a ready ``google.cloud.storage.Client`` (then ``project`` is ignored).
-        project: project of the default client (bucket operations do not need one).
-        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
-            Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
-
-    Example:
-        >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project")  # doctest: +SKIP
-        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        *,
-        client: Any = None,
-        project: str | None = None,
-        **options: Any,
-    ) -> None:
-        check_bucket_name(bucket)
-        if client is None:
-            try:
-                from google.cloud import storage
-            except ImportError as err:
-                raise ImportError("GCSSaver needs google-cloud-storage: pip install ckptcloud[gcs]") from err
-            client = storage.Client(project=project)
-        super().__init__(GCSStore(client, bucket), prefix, **options)

@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.errors import TransientError
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits, bytes_like
 
 _MISSING_BUCKET = {"NoSuchBucket"}
@@ -164,44 +163,3 @@ def make_s3_client(
         s3={"addressing_style": "path"} if custom_endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
-
-
-class S3Saver(RemoteSaver):
-    """Save handler for S3 and S3-compatible servers: streamed multipart uploads with bounded memory.
-
-    Credentials come from boto3's standard chain (environment, ``~/.aws`` profiles, SSO, instance roles) or the
-    ``client`` you pass; they never appear in a repr, a log line or an error message.
-
-    Args:
-        bucket: an existing bucket.
-        prefix: key prefix for every checkpoint.
-        client: a ready ``boto3`` S3 client (then ``endpoint_url``/``region_name`` are ignored).
-        endpoint_url: for MinIO, SeaweedFS and friends, e.g. ``http://127.0.0.1:9000`` (path-style addressing).
-        region_name: AWS region.
-        extra_args: extra upload arguments, e.g. ``{"ServerSideEncryption": "aws:kms", "StorageClass": ...}``.
-        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
-            Parts are 5 MiB to 5 GiB (default 16 MiB), raised automatically past 10,000 parts.
-
-    Example:
-        >>> saver = S3Saver("my-bucket", "runs/42", endpoint_url="http://127.0.0.1:9000")  # doctest: +SKIP
-        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        bucket: str,
-        prefix: str = "",
-        *,
-        client: Any = None,
-        endpoint_url: str | None = None,
-        region_name: str | None = None,
-        extra_args: Mapping[str, Any] | None = None,
-        **options: Any,
-    ) -> None:
-        check_bucket_name(bucket)
-        if client is None:
-            concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-            client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=concurrency)
-        super().__init__(S3Store(client, bucket, extra_args=extra_args), prefix, **options)

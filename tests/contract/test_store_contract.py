@@ -66,7 +66,7 @@ def _local_target(root: Path) -> Target:
 
 
 def _s3_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Target:
-    from ckptcloud.stores.s3 import S3Saver
+    from ckptcloud.savers import S3Saver
 
     endpoint = request.getfixturevalue("s3_endpoint")
     client = request.getfixturevalue("s3_client")
@@ -89,7 +89,7 @@ def _s3_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 def _gcs_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Target:
-    from ckptcloud.stores.gcs import GCSSaver
+    from ckptcloud.savers import GCSSaver
 
     endpoint = request.getfixturevalue("gcs_endpoint")
     client = request.getfixturevalue("gcs_client")
@@ -106,7 +106,7 @@ def _gcs_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 
 def _azure_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Target:
-    from ckptcloud.stores.azure import AzureBlobSaver
+    from ckptcloud.savers import AzureBlobSaver
 
     endpoint = request.getfixturevalue("azure_endpoint")
     service = request.getfixturevalue("azure_service")

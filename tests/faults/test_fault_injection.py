@@ -73,7 +73,8 @@ def port_of(url: str) -> int:
 # ------------------------------------------------------------------------------------------ savers via a proxy
 def s3_saver(bucket: str, endpoint: str, *, fail_fast: bool = False, **options: Any) -> RemoteSaver:
     """The library's own client (3 SDK attempts inside each pipeline attempt), or one with SDK retries off."""
-    from ckptcloud.stores.s3 import S3Saver, make_s3_client
+    from ckptcloud.savers import S3Saver
+    from ckptcloud.stores.s3 import make_s3_client
 
     if not fail_fast:
         client = make_s3_client(endpoint_url=endpoint, region_name="us-east-1", max_concurrency=8)
@@ -97,7 +98,7 @@ def gcs_client(endpoint: str) -> Any:
 
 
 def gcs_saver(bucket: str, endpoint: str, **options: Any) -> RemoteSaver:
-    from ckptcloud.stores.gcs import GCSSaver
+    from ckptcloud.savers import GCSSaver
 
     return GCSSaver(bucket, "run", client=gcs_client(endpoint), part_size=PART_SIZE["gcs"], **options)
 
@@ -119,7 +120,7 @@ def azure_saver(container: str, endpoint: str, **options: Any) -> RemoteSaver:
     """
     from azure.storage.blob import ContainerClient
 
-    from ckptcloud.stores.azure import AzureBlobSaver
+    from ckptcloud.savers import AzureBlobSaver
 
     client = ContainerClient.from_connection_string(
         azure_connection_string(endpoint), container, api_version=AZURITE_API_VERSION,
@@ -456,7 +457,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     import torch
-    from ckptcloud.stores.s3 import S3Saver, make_s3_client
+    from ckptcloud.savers import S3Saver
+    from ckptcloud.stores.s3 import make_s3_client
 
     endpoint, bucket, name = sys.argv[1:4]
     client = make_s3_client(endpoint_url=endpoint, region_name="us-east-1")

@@ -16,7 +16,8 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 import ckptcloud
 from ckptcloud import Checkpoint
 from ckptcloud.retry import NO_RETRY
-from ckptcloud.stores.azure import READ_CHUNK_SIZE, AzureBlobSaver, AzureBlobStore
+from ckptcloud.savers import AzureBlobSaver
+from ckptcloud.stores.azure import READ_CHUNK_SIZE, AzureBlobStore
 from ckptcloud.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY
 from tests.conftest import AZURITE_API_VERSION
 from tests.helpers import stored_bytes, torch_bytes

@@ -15,8 +15,9 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 import ckptcloud
 from ckptcloud import Checkpoint
 from ckptcloud.retry import NO_RETRY
+from ckptcloud.savers import GCSSaver
 from ckptcloud.stores import gcs
-from ckptcloud.stores.gcs import TMP_FOLDER, GCSSaver, GCSStore
+from ckptcloud.stores.gcs import TMP_FOLDER, GCSStore
 from tests.helpers import assert_same, dtype_zoo, stored_bytes, training_state
 
 KiB = 1024

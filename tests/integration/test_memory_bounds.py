@@ -19,7 +19,7 @@ MiB = 1024 * 1024
 
 PROBE = r"""
 import json, os, sys, torch
-from ckptcloud.stores.s3 import S3Saver
+from ckptcloud.savers import S3Saver
 
 def kib(field):
     for line in open("/proc/self/status"):

@@ -12,7 +12,8 @@ from ignite.handlers import Checkpoint as IgniteCheckpoint
 import ckptcloud
 from ckptcloud import Checkpoint
 from ckptcloud.retry import NO_RETRY
-from ckptcloud.stores.s3 import S3Saver, S3Store
+from ckptcloud.savers import S3Saver
+from ckptcloud.stores.s3 import S3Store
 from ckptcloud.testing import servers
 from tests.conftest import incomplete_uploads
 from tests.helpers import assert_same, dtype_zoo, stored_bytes, training_state

@@ -1,0 +1,148 @@
+"""The named savers: ``S3Saver``, ``GCSSaver``, ``AzureBlobSaver``.
+
+Each is :class:`~ckptcloud.remote.RemoteSaver` (the one pipeline) wired to its store adapter: it builds the SDK
+client from the standard credential chain (or takes yours) and forwards every pipeline option. No cloud SDK is
+imported until a saver is constructed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
+from ckptcloud.stores.azure import AzureBlobStore, make_container_client
+from ckptcloud.stores.gcs import GCSStore
+from ckptcloud.stores.s3 import S3Store, make_s3_client
+
+
+class S3Saver(RemoteSaver):
+    """Save handler for S3 and S3-compatible servers: streamed multipart uploads with bounded memory.
+
+    Credentials come from boto3's standard chain (environment, ``~/.aws`` profiles, SSO, instance roles) or the
+    ``client`` you pass; they never appear in a repr, a log line or an error message.
+
+    Args:
+        bucket: an existing bucket.
+        prefix: key prefix for every checkpoint.
+        client: a ready ``boto3`` S3 client (then ``endpoint_url``/``region_name`` are ignored).
+        endpoint_url: for MinIO, SeaweedFS and friends, e.g. ``http://127.0.0.1:9000`` (path-style addressing).
+        region_name: AWS region.
+        extra_args: extra upload arguments, e.g. ``{"ServerSideEncryption": "aws:kms", "StorageClass": ...}``.
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Parts are 5 MiB to 5 GiB (default 16 MiB), raised automatically past 10,000 parts.
+
+    Example:
+        >>> saver = S3Saver("my-bucket", "runs/42", endpoint_url="http://127.0.0.1:9000")  # doctest: +SKIP
+        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        extra_args: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        check_bucket_name(bucket)
+        if client is None:
+            concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+            client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=concurrency)
+        super().__init__(S3Store(client, bucket, extra_args=extra_args), prefix, **options)
+
+
+class GCSSaver(RemoteSaver):
+    """Save handler for Google Cloud Storage: streamed parallel composite uploads with bounded memory.
+
+    Credentials come from Application Default Credentials or the ``client`` you pass (``STORAGE_EMULATOR_HOST``
+    points the default client at an emulator); they never appear in a repr, a log line or an error message.
+
+    Args:
+        bucket: an existing bucket.
+        prefix: object-name prefix for every checkpoint.
+        client: a ready ``google.cloud.storage.Client`` (then ``project`` is ignored).
+        project: project of the default client (bucket operations do not need one).
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
+
+    Example:
+        >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project")  # doctest: +SKIP
+        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        client: Any = None,
+        project: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_bucket_name(bucket)
+        if client is None:
+            try:
+                from google.cloud import storage
+            except ImportError as err:
+                raise ImportError("GCSSaver needs google-cloud-storage: pip install ckptcloud[gcs]") from err
+            client = storage.Client(project=project)
+        super().__init__(GCSStore(client, bucket), prefix, **options)
+
+
+class AzureBlobSaver(RemoteSaver):
+    """Save handler for Azure Blob Storage: blocks staged concurrently with bounded memory, one atomic commit.
+
+    Args:
+        container: an existing container.
+        prefix: blob-name prefix for every checkpoint.
+        container_client: a ready ``ContainerClient`` for ``container``; else one is made from ``connection_string``,
+            or ``account_url`` (may hold a SAS) + ``credential`` (default ``DefaultAzureCredential()``, from
+            azure-identity), or the environment (see :func:`make_container_client`). Credentials never appear in
+            a repr, a log line or an error message. A client you pass keeps its own settings (connection pool,
+            download chunk size ``max_chunk_get_size``; its first ranged GET is ``max_single_get_size``).
+        api_version: the storage REST version, e.g. ``"2025-11-05"`` for Azurite 3.35.
+        **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
+
+    Example:
+        >>> saver = AzureBlobSaver("ckpts", "runs/42", connection_string=conn_str)  # doctest: +SKIP
+        >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        container: str,
+        prefix: str = "",
+        *,
+        container_client: Any = None,
+        connection_string: str | None = None,
+        account_url: str | None = None,
+        credential: Any = None,
+        api_version: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_bucket_name(container, "container")
+        if container_client is None:
+            container_client = make_container_client(
+                container,
+                connection_string,
+                account_url,
+                credential,
+                api_version,
+                options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
+            )
+        elif container_client.container_name != container:
+            raise ValueError(
+                f"Argument `container_client` is for container {container_client.container_name!r}, not {container!r}"
+            )
+        super().__init__(AzureBlobStore(container_client), prefix, **options)
