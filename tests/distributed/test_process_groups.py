@@ -1,0 +1,142 @@
+"""Real torch.distributed process groups (gloo on CPU, spawned processes): one rank writes, every rank agrees.
+
+Every rank calls the checkpoint; requests reach moto through a counting proxy, so the test sees exactly how many
+uploads and deletes all ranks made together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ckptcloud.testing.faultproxy import FaultProxy
+from ckptcloud.testing.servers import free_port
+
+pytestmark = pytest.mark.integration
+TIMEOUT_S = 120
+
+
+def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, scenario: str, out: str) -> None:
+    """One rank: join the group, run the scenario, write what it saw to ``out/rank{N}.json``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    result: dict = {"rank": rank}
+    try:
+        from ckptcloud import Checkpoint, RemoteSaveError
+        from ckptcloud.retry import NO_RETRY
+        from ckptcloud.savers import S3Saver
+        from ckptcloud.stores.s3 import S3Store
+
+        writer = 1 if scenario == "save_on_rank_1" else 0
+        torch.manual_seed(0)
+        model: torch.nn.Module = torch.nn.Linear(8, 4)
+        to_save: dict = {"model": model}
+        if scenario == "ddp_zero":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+            model(torch.randn(4, 8)).sum().backward()
+            optimizer.step()
+            to_save = {"model": model, "optimizer": optimizer}
+        saver = S3Saver(
+            bucket, "dist", endpoint_url=endpoint, region_name="us-east-1", save_on_rank=writer, retry=NO_RETRY
+        )
+        if scenario == "writer_fails" and rank == writer:
+            S3Store.put = lambda *a, **k: (_ for _ in ()).throw(PermissionError("bucket policy says no"))  # type: ignore[method-assign]
+        ckpt = Checkpoint(to_save, saver, n_saved=2, save_on_rank=writer)
+        steps = 2 if scenario == "ddp_zero" else 4
+        for step in range(1, steps + 1):
+            try:
+                ckpt.save(global_step=step)
+            except (PermissionError, RemoteSaveError) as err:
+                result.setdefault("errors", []).append(f"{type(err).__name__}: {err}")
+        result["kept"] = ckpt.state_dict()["_saved"]
+        if scenario == "ddp_zero" and rank == writer:
+            stored = saver.load(ckpt.last_checkpoint)
+            result["model_keys"] = sorted(stored["model"])
+            result["optimizer_state_entries"] = len(stored["optimizer"]["state"])
+        dist.barrier()
+    except BaseException:
+        result["crash"] = traceback.format_exc()
+    finally:
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, scenario: str, s3_endpoint, s3_bucket, tmp_path) -> tuple[list[dict], list[str]]:
+    """Spawn ``world`` ranks through a counting proxy; returns each rank's result and the requests made."""
+    requests: list[str] = []
+    upstream = int(s3_endpoint.url.rsplit(":", 1)[1])
+    with FaultProxy(upstream, on_request=lambda n, method, target: requests.append(f"{method} {target}")) as proxy:
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(world, free_port(), proxy.endpoint, s3_bucket, scenario, str(tmp_path)),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        for _ in range(TIMEOUT_S):
+            if ctx.join(timeout=1):
+                break
+        else:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"ranks still running after {TIMEOUT_S} s: a rank is stuck (barrier or collective)")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for result in results:
+        assert "crash" not in result, result["crash"]
+    return results, requests
+
+
+def uploads(requests: list[str]) -> list[str]:
+    """Requests that write an object: PutObject, CreateMultipartUpload, UploadPart, Complete."""
+    return [r for r in requests if r.startswith(("PUT ", "POST ")) and "/dist/" in r]
+
+
+def deletes(requests: list[str]) -> list[str]:
+    return [r for r in requests if r.startswith("DELETE ") and "/dist/" in r]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_exactly_one_upload_per_save_and_one_delete_per_eviction_across_ranks(world, s3_endpoint, s3_bucket, tmp_path):
+    results, requests = run_ranks(world, "plain", s3_endpoint, s3_bucket, tmp_path)
+    assert len(uploads(requests)) == 4  # 4 saves, each small enough for one PutObject
+    assert len(deletes(requests)) == 2  # n_saved=2: steps 1 and 2 evicted once each
+    kept = [[3, "model_3.pt"], [4, "model_4.pt"]]
+    assert [r["kept"] for r in results] == [kept] * world
+
+
+def test_save_on_rank_1_writes_from_rank_1(s3_endpoint, s3_bucket, tmp_path, s3_client):
+    results, requests = run_ranks(2, "save_on_rank_1", s3_endpoint, s3_bucket, tmp_path)
+    assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
+    keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
+    assert keys == ["dist/model_3.pt", "dist/model_4.pt"]
+    assert results[0]["kept"] == results[1]["kept"]
+
+
+def test_a_failed_upload_raises_on_every_rank_and_loses_nothing(s3_endpoint, s3_bucket, tmp_path, s3_client):
+    results, _ = run_ranks(2, "writer_fails", s3_endpoint, s3_bucket, tmp_path)
+    for result in results:
+        assert len(result["errors"]) == 4, result  # every save failed, on every rank, nobody hung
+        assert result["kept"] == []
+    assert all(e.startswith("PermissionError") for e in results[0]["errors"])
+    assert all(e.startswith("RemoteSaveError") and "bucket policy says no" in e for e in results[1]["errors"])
+    assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+
+
+def test_ddp_is_unwrapped_and_zero_optimizer_state_is_consolidated(s3_endpoint, s3_bucket, tmp_path):
+    results, _ = run_ranks(2, "ddp_zero", s3_endpoint, s3_bucket, tmp_path)
+    writer = results[0]
+    assert writer["model_keys"] == ["bias", "weight"]  # no "module." prefix
+    assert writer["optimizer_state_entries"] == 2  # both parameters' Adam state, gathered from both ranks
+    assert results[0]["kept"] == results[1]["kept"] == [[1, "checkpoint_1.pt"], [2, "checkpoint_2.pt"]]
