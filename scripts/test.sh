@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=$(bash scripts/bootstrap.sh dev)
+# --xla: also set up the torch_xla environment (torch 2.9.0 + torch-xla 2.9.0, ~4 GB once) and collect tests/xla.
+if [ "${1:-}" = "--xla" ]; then
+  shift
+  CKPTCLOUD_XLA_PYTHON="$(pwd)/$(bash scripts/xla_env.sh)"
+  export CKPTCLOUD_XLA_PYTHON
+fi
 # Azurite (Azure Blob emulator) from npm, pinned: 3.37+ needs Node 22.
 if [ ! -x .emulators/node_modules/.bin/azurite-blob ]; then
   npm install --prefix .emulators --no-audit --no-fund --loglevel=error azurite@3.35.0 1>&2

@@ -25,6 +25,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 for _var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_var, None)
 
+# The torch_xla stage runs in its own environment (scripts/xla_env.sh); it is collected only when that exists.
+collect_ignore = [] if os.environ.get("CKPTCLOUD_XLA_PYTHON") else ["xla"]
+
 
 @dataclass
 class S3Endpoint:
