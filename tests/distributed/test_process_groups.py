@@ -23,7 +23,32 @@ pytestmark = pytest.mark.integration
 TIMEOUT_S = 120
 
 
-def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, scenario: str, out: str) -> None:
+def _saver(store: str, bucket: str, endpoint: str, **options):
+    """The saver for ``store``, pointed at ``endpoint`` (the counting proxy in front of the emulator)."""
+    from ckptcloud.savers import AzureBlobSaver, GCSSaver, S3Saver
+
+    if store == "s3":
+        return S3Saver(bucket, "dist", endpoint_url=endpoint, region_name="us-east-1", **options)
+    if store == "gcs":
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(
+            project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+        )
+        return GCSSaver(bucket, "dist", client=client, **options)
+    from ckptcloud.testing.servers import AZURITE_ACCOUNT, AZURITE_KEY
+
+    conn = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};"
+    )
+    return AzureBlobSaver(bucket, "dist", connection_string=conn, api_version="2025-11-05", **options)
+
+
+def _rank_main(
+    rank: int, world: int, port: int, store: str, endpoint: str, bucket: str, scenario: str, out: str
+) -> None:
     """One rank: join the group, run the scenario, write what it saw to ``out/rank{N}.json``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from datetime import timedelta
@@ -33,7 +58,6 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
     try:
         from ckptcloud import Checkpoint, RemoteSaveError
         from ckptcloud.retry import NO_RETRY
-        from ckptcloud.savers import S3Saver
         from ckptcloud.stores.s3 import S3Store
 
         writer = 1 if scenario == "save_on_rank_1" else 0
@@ -48,9 +72,7 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
             model(torch.randn(4, 8)).sum().backward()
             optimizer.step()
             to_save = {"model": model, "optimizer": optimizer}
-        saver = S3Saver(
-            bucket, "dist", endpoint_url=endpoint, region_name="us-east-1", save_on_rank=writer, retry=NO_RETRY
-        )
+        saver = _saver(store, bucket, endpoint, save_on_rank=writer, retry=NO_RETRY)
         if scenario == "writer_fails" and rank == writer:
             S3Store.put = lambda *a, **k: (_ for _ in ()).throw(PermissionError("bucket policy says no"))  # type: ignore[method-assign]
         ckpt = Checkpoint(to_save, saver, n_saved=2, save_on_rank=writer)
@@ -73,14 +95,16 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, scenario: str, s3_endpoint, s3_bucket, tmp_path) -> tuple[list[dict], list[str]]:
+def run_ranks(
+    world: int, scenario: str, endpoint: str, bucket: str, tmp_path: Path, store: str = "s3"
+) -> tuple[list[dict], list[str]]:
     """Spawn ``world`` ranks through a counting proxy; returns each rank's result and the requests made."""
     requests: list[str] = []
-    upstream = int(s3_endpoint.url.rsplit(":", 1)[1])
+    upstream = int(endpoint.split(":")[2].split("/")[0])
     with FaultProxy(upstream, on_request=lambda n, method, target: requests.append(f"{method} {target}")) as proxy:
         ctx = mp.start_processes(
             _rank_main,
-            args=(world, free_port(), proxy.endpoint, s3_bucket, scenario, str(tmp_path)),
+            args=(world, free_port(), store, proxy.endpoint, bucket, scenario, str(tmp_path)),
             nprocs=world,
             join=False,
             start_method="spawn",
@@ -99,17 +123,17 @@ def run_ranks(world: int, scenario: str, s3_endpoint, s3_bucket, tmp_path) -> tu
 
 
 def uploads(requests: list[str]) -> list[str]:
-    """Requests that write an object: PutObject, CreateMultipartUpload, UploadPart, Complete."""
-    return [r for r in requests if r.startswith(("PUT ", "POST ")) and "/dist/" in r]
+    """Requests that write an object (S3/Azure: PUT to the key; GCS: POST to the upload endpoint)."""
+    return [r for r in requests if (r.startswith("PUT ") and "/dist/" in r) or r.startswith("POST /upload/")]
 
 
 def deletes(requests: list[str]) -> list[str]:
-    return [r for r in requests if r.startswith("DELETE ") and "/dist/" in r]
+    return [r for r in requests if r.startswith("DELETE ") and ("/dist/" in r or "dist%2F" in r)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_exactly_one_upload_per_save_and_one_delete_per_eviction_across_ranks(world, s3_endpoint, s3_bucket, tmp_path):
-    results, requests = run_ranks(world, "plain", s3_endpoint, s3_bucket, tmp_path)
+    results, requests = run_ranks(world, "plain", s3_endpoint.url, s3_bucket, tmp_path)
     assert len(uploads(requests)) == 4  # 4 saves, each small enough for one PutObject
     assert len(deletes(requests)) == 2  # n_saved=2: steps 1 and 2 evicted once each
     kept = [[3, "model_3.pt"], [4, "model_4.pt"]]
@@ -117,7 +141,7 @@ def test_exactly_one_upload_per_save_and_one_delete_per_eviction_across_ranks(wo
 
 
 def test_save_on_rank_1_writes_from_rank_1(s3_endpoint, s3_bucket, tmp_path, s3_client):
-    results, requests = run_ranks(2, "save_on_rank_1", s3_endpoint, s3_bucket, tmp_path)
+    results, requests = run_ranks(2, "save_on_rank_1", s3_endpoint.url, s3_bucket, tmp_path)
     assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
     keys = sorted(o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
     assert keys == ["dist/model_3.pt", "dist/model_4.pt"]
@@ -125,7 +149,7 @@ def test_save_on_rank_1_writes_from_rank_1(s3_endpoint, s3_bucket, tmp_path, s3_
 
 
 def test_a_failed_upload_raises_on_every_rank_and_loses_nothing(s3_endpoint, s3_bucket, tmp_path, s3_client):
-    results, _ = run_ranks(2, "writer_fails", s3_endpoint, s3_bucket, tmp_path)
+    results, _ = run_ranks(2, "writer_fails", s3_endpoint.url, s3_bucket, tmp_path)
     for result in results:
         assert len(result["errors"]) == 4, result  # every save failed, on every rank, nobody hung
         assert result["kept"] == []
@@ -135,8 +159,21 @@ def test_a_failed_upload_raises_on_every_rank_and_loses_nothing(s3_endpoint, s3_
 
 
 def test_ddp_is_unwrapped_and_zero_optimizer_state_is_consolidated(s3_endpoint, s3_bucket, tmp_path):
-    results, _ = run_ranks(2, "ddp_zero", s3_endpoint, s3_bucket, tmp_path)
+    results, _ = run_ranks(2, "ddp_zero", s3_endpoint.url, s3_bucket, tmp_path)
     writer = results[0]
     assert writer["model_keys"] == ["bias", "weight"]  # no "module." prefix
     assert writer["optimizer_state_entries"] == 2  # both parameters' Adam state, gathered from both ranks
     assert results[0]["kept"] == results[1]["kept"] == [[1, "checkpoint_1.pt"], [2, "checkpoint_2.pt"]]
+
+
+def test_gcs_saver_in_a_process_group(gcs_endpoint, gcs_bucket, tmp_path):
+    results, requests = run_ranks(2, "plain", gcs_endpoint.url, gcs_bucket, tmp_path, store="gcs")
+    assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
+    assert results[0]["kept"] == results[1]["kept"] == [[3, "model_3.pt"], [4, "model_4.pt"]]
+
+
+def test_azure_saver_in_a_process_group(azure_endpoint, azure_container, tmp_path):
+    endpoint = azure_endpoint.url.split("BlobEndpoint=")[1].split(";")[0].rsplit("/", 1)[0]
+    results, requests = run_ranks(2, "plain", endpoint, azure_container, tmp_path, store="azure")
+    assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
+    assert results[0]["kept"] == results[1]["kept"] == [[3, "model_3.pt"], [4, "model_4.pt"]]
