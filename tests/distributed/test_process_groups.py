@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -78,10 +79,12 @@ def _rank_main(
         ckpt = Checkpoint(to_save, saver, n_saved=2, save_on_rank=writer)
         steps = 2 if scenario == "ddp_zero" else 4
         for step in range(1, steps + 1):
+            start = time.perf_counter()
             try:
                 ckpt.save(global_step=step)
             except (PermissionError, RemoteSaveError) as err:
                 result.setdefault("errors", []).append(f"{type(err).__name__}: {err}")
+                result.setdefault("seconds_to_raise", []).append(time.perf_counter() - start)
         result["kept"] = ckpt.state_dict()["_saved"]
         if scenario == "ddp_zero" and rank == writer:
             stored = saver.load(ckpt.last_checkpoint)
@@ -138,6 +141,7 @@ def test_exactly_one_upload_per_save_and_one_delete_per_eviction_across_ranks(wo
     assert len(deletes(requests)) == 2  # n_saved=2: steps 1 and 2 evicted once each
     kept = [[3, "model_3.pt"], [4, "model_4.pt"]]
     assert [r["kept"] for r in results] == [kept] * world
+    print(f"\n[distributed] world {world}: {len(uploads(requests))} uploads, {len(deletes(requests))} deletes")
 
 
 def test_save_on_rank_1_writes_from_rank_1(s3_endpoint, s3_bucket, tmp_path, s3_client):
@@ -156,6 +160,9 @@ def test_a_failed_upload_raises_on_every_rank_and_loses_nothing(s3_endpoint, s3_
     assert all(e.startswith("PermissionError") for e in results[0]["errors"])
     assert all(e.startswith("RemoteSaveError") and "bucket policy says no" in e for e in results[1]["errors"])
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+    slowest = max(max(r["seconds_to_raise"]) for r in results)
+    print(f"\n[distributed] all ranks raised within {slowest:.3f} s of calling save()")
+    assert slowest < 30
 
 
 def test_ddp_is_unwrapped_and_zero_optimizer_state_is_consolidated(s3_endpoint, s3_bucket, tmp_path):
