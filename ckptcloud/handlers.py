@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -52,8 +53,6 @@ def is_save_handler(obj: Any) -> bool:
     """True for ckptcloud's and (when ignite is imported) ignite's save handlers."""
     if isinstance(obj, BaseSaveHandler):
         return True
-    import sys
-
     ignite_checkpoint = sys.modules.get("ignite.handlers.checkpoint")
     return ignite_checkpoint is not None and isinstance(obj, ignite_checkpoint.BaseSaveHandler)
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import torch
 
 from ckptcloud import distributed, serialization
+from ckptcloud._tree import tree_leaves
 from ckptcloud.handlers import BaseSaveHandler, check_filename
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, ObjectInfo, Store
@@ -26,8 +27,6 @@ MAX_CONCURRENCY_LIMIT = 64
 
 
 def _estimate_nbytes(obj: Any) -> int:
-    from ckptcloud._tree import tree_leaves
-
     return sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
 
 

@@ -131,9 +131,10 @@ def load(
         with open(source, "rb") as file:
             return load(file, map_location=map_location, weights_only=weights_only, name=name or str(Path(source)))
     name = name or str(getattr(source, "name", "the checkpoint"))
-    if not _is_real_file(source) or not verify(source, name):
+    real_file = _is_real_file(source)
+    if not real_file or not verify(source, name):
         logger.debug("%s has no ckptcloud integrity trailer (or is not a file); loading it unverified", name)
-    if _is_real_file(source):
+    if real_file:
         head = source.read(4)
         source.seek(0)
         if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # zip archive, or the legacy pickle format

@@ -112,7 +112,6 @@ class PartWriter(io.RawIOBase):
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._done = False
-        self.bytes_written = 0
         self.parts = 0
 
     @property
@@ -159,7 +158,6 @@ class PartWriter(io.RawIOBase):
             if self._fill == self._part_size:
                 self._submit_part()
         view.release()
-        self.bytes_written += total
         return total
 
     # ------------------------------------------------------------------------------------------ buffers

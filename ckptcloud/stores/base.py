@@ -7,7 +7,6 @@ the duration of the call.
 
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,58 +105,3 @@ class Store(ABC):
         Each can be discarded with :meth:`abort`. The default is a store that leaves nothing to clean up.
         """
         return []
-
-
-def bytes_like(data: memoryview) -> bytes | bytearray:
-    """``data`` as something SDKs accept without copying when possible.
-
-    The pipeline hands out views of its own ``bytearray`` part buffers: a view of a whole buffer returns that
-    buffer itself; a partial view (the short last part, a small checkpoint) is copied, at most one part.
-    """
-    if isinstance(data.obj, bytearray) and data.nbytes == len(data.obj):
-        return data.obj
-    return data.tobytes()
-
-
-class ViewReader(io.RawIOBase):
-    """A read-only, seekable file over a memoryview, for SDKs that stream a file body: no copy of the whole part.
-
-    Example:
-        >>> r = ViewReader(memoryview(b"hello world"))
-        >>> r.read(5), len(r), r.seek(6), r.read()
-        (b'hello', 11, 6, b'world')
-    """
-
-    def __init__(self, data: memoryview) -> None:
-        super().__init__()
-        self._view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, min(base + offset, len(self._view)))
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), len(self._view) - self._pos)
-        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else min(self._pos + size, len(self._view))
-        chunk = self._view[self._pos : end].tobytes()
-        self._pos = end
-        return chunk

@@ -112,7 +112,7 @@ class GCSStore(Store):
     def put_part(self, upload: GCSUpload, number: int, data: memoryview) -> str:
         # One media upload whose body is the view itself (urllib3 passes it to socket.sendall). Measured: 8 concurrent
         # parts from the pipeline's buffers to fake-gcs-server add +0.3 MiB peak RSS (16 MiB or 8 MiB parts); the
-        # SDK's upload_from_string(bytes(view)) or upload_from_file(ViewReader(view)) add +128 MiB with 16 MiB parts
+        # SDK's upload_from_string(bytes(view)) or upload_from_file(<file over view>) add +128 MiB with 16 MiB parts
         # (a copy each) and +256 MiB with 8 MiB parts (two copies).
         name = f"{upload.tmp_prefix}part-{number:05d}"
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data  # len() must count bytes

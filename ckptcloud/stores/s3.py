@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.errors import TransientError
-from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits, bytes_like
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -20,6 +20,14 @@ _DENIED = {
     "AllAccessDisabled",
 }
 _TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500"}
+
+
+def _body(data: memoryview) -> bytes | bytearray:
+    """boto3 takes bytes/bytearray, not memoryview: a view of a whole pipeline buffer passes that buffer as is;
+    a partial view (the short last part, a small checkpoint) is copied, at most one part."""
+    if isinstance(data.obj, bytearray) and data.nbytes == len(data.obj):
+        return data.obj
+    return data.tobytes()
 
 
 class S3Store(Store):
@@ -69,7 +77,7 @@ class S3Store(Store):
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
         with self._errors("put", key):
             self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=bytes_like(data), Metadata=dict(metadata), **self.extra_args
+                Bucket=self.bucket, Key=key, Body=_body(data), Metadata=dict(metadata), **self.extra_args
             )
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
@@ -83,7 +91,7 @@ class S3Store(Store):
         key, upload_id = upload
         with self._errors(f"uploading part {number}", key):
             response = self.client.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=bytes_like(data)
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_body(data)
             )
         part = {"PartNumber": number, "ETag": response["ETag"]}
         part.update({k: v for k, v in response.items() if k.startswith("Checksum") and k != "ChecksumType"})
