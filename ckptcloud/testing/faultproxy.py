@@ -1,5 +1,8 @@
 """A fault-injecting HTTP/1.1 proxy on loopback for tests: 503s, connection resets, stalls, latency, bandwidth caps.
 
+It doubles as a WAN simulator for benchmarks: ``latency`` per request and ``connection_bandwidth`` per connection
+(what a real cloud applies to each TCP stream), where the kernel offers no ``netem``.
+
 Each request is drawn against the rates with a seeded RNG: ``error`` answers ``503 SlowDown`` without forwarding;
 ``reset`` resets the connection (RST) before forwarding; ``reset_mid`` forwards, then resets in the middle of the
 response (the server did the work, the client never hears it); ``stall`` sleeps ``stall_seconds``, then forwards.
@@ -33,7 +36,7 @@ class _Cut(ConnectionResetError):
 
 
 class _Throttle:
-    """A byte-rate cap shared by every connection in one direction (``None``: no cap)."""
+    """A byte-rate cap in one direction, for every connection or one (``None``: no cap)."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate, self._next, self._lock = rate, 0.0, threading.Lock()
@@ -56,6 +59,7 @@ class FaultProxy:
         stall_seconds: how long a ``stall`` sleeps (at most 60).
         latency: seconds added before each request is forwarded (a WAN round trip).
         bandwidth: bytes per second per direction, shared by all connections (``None``: unlimited).
+        connection_bandwidth: bytes per second per direction for each client connection on its own.
         on_request: ``fn(number, method, target)``, called in the proxy's thread as each request arrives.
         **rates: probability per request of each fault in :data:`FAULTS` (their sum at most 1).
 
@@ -72,6 +76,7 @@ class FaultProxy:
         stall_seconds: float = 0.5,
         latency: float = 0.0,
         bandwidth: float | None = None,
+        connection_bandwidth: float | None = None,
         on_request: Callable[[int, str, str], None] | None = None,
         idle_timeout: float = 120.0,
         **rates: float,
@@ -79,6 +84,7 @@ class FaultProxy:
         self.upstream_port, self.stall_seconds, self.latency = upstream_port, min(stall_seconds, 60.0), latency
         self.on_request, self.idle_timeout = on_request, idle_timeout
         self._up, self._down = _Throttle(bandwidth), _Throttle(bandwidth)
+        self.connection_bandwidth = connection_bandwidth
         self._rng, self._lock, self._rates = random.Random(seed), threading.Lock(), dict.fromkeys(FAULTS, 0.0)
         self.set_rates(**rates)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -157,9 +163,10 @@ class FaultProxy:
 
     def _serve(self, conn: socket.socket) -> None:
         reader = conn.makefile("rb")
+        throttles = (_Throttle(self.connection_bandwidth), _Throttle(self.connection_bandwidth))  # up, down
         try:
             for _ in range(1_000_000):  # requests on one keep-alive connection
-                if self._stopping.is_set() or not self._one_request(conn, reader):
+                if self._stopping.is_set() or not self._one_request(conn, reader, throttles):
                     break
         except (OSError, ValueError, IndexError):  # a broken or malformed exchange ends the connection
             pass
@@ -179,7 +186,7 @@ class FaultProxy:
                     return number, kind
         return number, ""
 
-    def _one_request(self, conn: socket.socket, reader: BinaryIO) -> bool:
+    def _one_request(self, conn: socket.socket, reader: BinaryIO, throttles: tuple[_Throttle, _Throttle]) -> bool:
         """Handle one request; False when the connection should end."""
         line = reader.readline(65536)
         if not line.strip():
@@ -210,7 +217,8 @@ class FaultProxy:
         self._count("", upstream, True)
         try:
             head = b"".join([line, *(h for h in raw_headers if not h.lower().startswith(b"expect:")), b"\r\n"])
-            return self._forward(conn, reader, upstream, head, headers, method, kind == "reset_mid") and keep
+            cut = kind == "reset_mid"
+            return self._forward(conn, reader, upstream, head, headers, method, cut, throttles) and keep
         except OSError as err:
             self._count("" if isinstance(err, _Cut) else "broken")
             raise _reset(conn) from None
@@ -219,9 +227,17 @@ class FaultProxy:
             self._count("", upstream, False)
 
     def _forward(self, conn: socket.socket, reader: BinaryIO, upstream: socket.socket, head: bytes,
-                 headers: dict[str, str], method: str, cut: bool) -> bool:  # fmt: skip
+                 headers: dict[str, str], method: str, cut: bool,
+                 throttles: tuple[_Throttle, _Throttle]) -> bool:  # fmt: skip
+        up, down = throttles
         upstream.sendall(head)
-        _copy_body(reader, headers, lambda data: (self._up.take(len(data)), upstream.sendall(data)))
+
+        def send_up(data: bytes) -> None:
+            self._up.take(len(data))
+            up.take(len(data))
+            upstream.sendall(data)
+
+        _copy_body(reader, headers, send_up)
         self._count("forwarded")
         with upstream.makefile("rb") as up_reader:  # no 1xx: the Expect header was not forwarded
             status_line = up_reader.readline(65536)
@@ -239,6 +255,7 @@ class FaultProxy:
 
             def send_down(data: bytes) -> None:
                 self._down.take(len(data))
+                down.take(len(data))
                 if cut and len(data) >= left[0]:
                     conn.sendall(data[: left[0]])
                     raise _Cut()

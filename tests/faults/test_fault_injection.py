@@ -237,6 +237,40 @@ def test_the_proxy_relays_faithfully_over_keep_alive_and_injects_each_fault_as_t
         upstream.server_close()
 
 
+def test_the_wan_proxy_caps_each_connection_on_its_own_and_delays_each_request():
+    """What a cloud does to each TCP stream: one connection is capped, two in parallel get twice the bytes."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    serving = threading.Thread(target=upstream.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    serving.start()
+    size, rate, latency = 4 * MiB, 4 * MiB, 0.2
+
+    def fetch(port: int, seconds: list[float]) -> None:
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/{size}")
+        assert len(conn.getresponse().read()) == size
+        seconds.append(time.monotonic() - started)
+
+    try:
+        with FaultProxy(upstream.server_address[1], latency=latency, connection_bandwidth=rate) as proxy:
+            alone: list[float] = []
+            fetch(proxy.port, alone)
+            assert alone[0] >= latency + size / rate * 0.95  # 1 s of bytes plus the request's latency
+            together: list[float] = []
+            started = time.monotonic()
+            threads = [threading.Thread(target=fetch, args=(proxy.port, together)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            both = time.monotonic() - started
+            assert len(together) == 2 and min(together) >= size / rate * 0.95
+            assert both < latency + 2 * size / rate * 0.9, both  # a shared cap would need 2 s of bytes for both
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
 # ------------------------------------------------------------------------------ a. saves through a faulty network
 @pytest.mark.integration
 @pytest.mark.parametrize("rate", [0.1, 0.3], ids=["faults10pct", "faults30pct"])

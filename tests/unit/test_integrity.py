@@ -110,3 +110,27 @@ def test_something_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "pickle.pt").write_bytes(b"\x80\x04garbage that looks like a pickle")
     with pytest.raises(ValueError, match=r"pickle\.pt is not a torch checkpoint"):
         serialization.load(tmp_path / "pickle.pt")
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_remote_load_maps_or_copies_the_tensors_and_both_are_writable(mmap):
+    saver = RemoteSaver(MemoryStore(), "run")
+    state = {"w": torch.randn(256 * 1024), "step": 3}
+    saver(state, "ckpt.pt")
+    back = saver.load("ckpt.pt", mmap=mmap)
+    assert torch.equal(back["w"], state["w"]) and back["step"] == 3
+    back["w"].add_(1.0)  # an in-place update (optimizer state) works on mapped pages too: copy on write
+    assert torch.equal(back["w"], state["w"] + 1.0)
+    assert torch.equal(saver.load("ckpt.pt", mmap=mmap)["w"], state["w"])  # the stored bytes are untouched
+
+
+def test_disk_load_with_mmap_verifies_the_trailer_first(tmp_path):
+    path = tmp_path / "c.pt"
+    DiskSaver(tmp_path, require_empty=False)({"w": torch.arange(1000.0)}, "c.pt")
+    assert torch.equal(serialization.load(path, mmap=True)["w"], torch.arange(1000.0))
+    assert torch.equal(DiskSaver(tmp_path, require_empty=False).load("c.pt", mmap=True)["w"], torch.arange(1000.0))
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        serialization.load(path, mmap=True)
