@@ -1,271 +1,252 @@
-"""Save and load a state dict to a local object store: ckptcloud against what users would otherwise write.
+"""Save and load a state dict through ckptcloud and through what users would otherwise write, side by side.
 
-Every case runs in a fresh subprocess so peak memory is honest; all cases hit the same server in one run and
-the table prints ratios to ckptcloud (shared, noisy machines: trust ratios, not absolute seconds).
+Each case runs in a fresh subprocess (:mod:`cases`) so peak memory is honest; all cases of a store hit the same
+emulator, started here, in one run, and the tables print ratios to ckptcloud (shared, noisy machines: trust
+ratios, not absolute seconds). ``bash scripts/bench.sh`` installs what this needs and runs everything (~15 min):
 
-    python benchmarks/bench.py                          # S3: 256 MiB and 1 GiB on SeaweedFS started here
-    python benchmarks/bench.py --store gcs --sizes 64,256   # fake-gcs-server started here
-    python benchmarks/bench.py --store azure --sizes 256    # Azurite started here
-    python benchmarks/bench.py --endpoint http://127.0.0.1:9000   # your MinIO (AWS_* credentials)
+    python benchmarks/bench.py                              # S3, GCS, Azure and the WAN run; writes --out
+    python benchmarks/bench.py --stores s3 --sizes 256      # one store, one size
+    python benchmarks/bench.py --stores wan                 # only the WAN simulation
+    python benchmarks/bench.py --stores s3 --endpoint http://127.0.0.1:9000   # your MinIO (AWS_* credentials)
 
-Methods: ``ckptcloud`` (streamed multipart save; download to a temp file + torch.load); ``naive`` (BytesIO +
-one SDK upload call / one download into memory + torch.load); ``upload_fileobj`` (S3 only: BytesIO + boto3's
-managed transfer both ways); ``local`` (torch.save/torch.load of a file in the temp folder: the limit).
+Methods: ``ckptcloud`` (streamed multipart save; ranged GETs into a temp file + ``torch.load(mmap=True)``);
+``ckptcloud-async`` (``Checkpoint(async_save=True)``: ``blocked`` is the training loop's stall); ``naive``
+(``BytesIO`` + one SDK upload / one download into memory + ``torch.load``); ``upload_fileobj`` (S3: boto3's
+managed transfer both ways); ``fsspec`` (s3fs/gcsfs/adlfs ``pipe``/``cat``, as Lightning does; run with
+``--fsspec-python``); ``s3torchconnector`` (``S3Checkpoint`` writer/reader); ``local`` (``torch.save``/
+``torch.load`` of a file in the temp folder: the limit).
+
+WAN simulation: the kernel here has no ``netem``, so the run puts :class:`~ckptcloud.testing.faultproxy.FaultProxy`
+between client and SeaweedFS with a fixed latency per request and a bandwidth cap per connection (real S3:
+~100 MB/s per connection, tens of ms per request; scaled down here to 10 MB/s so that 16 connections stay below
+what the loopback server can take on 2 cores, ~150 MB/s).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
+
+from benchmarks import report
 
 MiB = 1024 * 1024
-METHODS = {"s3": ["ckptcloud", "ckptcloud-async", "naive", "upload_fileobj", "local"],
-           "gcs": ["ckptcloud", "ckptcloud-async", "naive", "local"],
-           "azure": ["ckptcloud", "ckptcloud-async", "naive", "local"]}  # fmt: skip
+CASES = Path(__file__).with_name("cases.py")
+METHODS = {
+    "s3": ["ckptcloud", "ckptcloud-async", "naive", "upload_fileobj", "fsspec", "s3torchconnector", "local"],
+    "gcs": ["ckptcloud", "ckptcloud-async", "naive", "fsspec", "local"],
+    "azure": ["ckptcloud", "ckptcloud-async", "naive", "fsspec", "local"],
+}
+SIZES = {"s3": [64, 256, 1024], "gcs": [64, 256], "azure": [64, 256, 1024]}  # fake-gcs-server: ≤ 256 MiB
+LABELS = {"s3": "SeaweedFS (weed mini)", "gcs": "fake-gcs-server", "azure": "Azurite"}
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+def _server_cpu(pid: int | None) -> float | None:
+    """User+system CPU seconds of the emulator process so far (Linux ``/proc``)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_state(size_mib: int) -> dict:
-    import torch
+class Runner:
+    """Runs cases of one store against one endpoint, each in a fresh process."""
 
-    n = max(1, size_mib // 128)
-    per = size_mib * MiB // n // 4
-    return {f"layer{i}.weight": torch.randn(per) for i in range(n)}
+    def __init__(self, store: str, endpoint: str, bucket: str, args: argparse.Namespace, pid: int | None) -> None:
+        self.store, self.endpoint, self.bucket, self.args, self.pid = store, endpoint, bucket, args, pid
 
+    def measure(self, method: str, size: int, phase: str, concurrency: int = 8, tag: str = "") -> dict:
+        python = self.args.fsspec_python if method == "fsspec" else sys.executable
+        spec = {"store": self.store, "method": method, "size": size, "endpoint": self.endpoint,
+                "bucket": self.bucket, "phase": phase, "concurrency": concurrency, "tag": tag}  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(CASES.parents[1]), "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+        server_before = _server_cpu(self.pid)
+        out = subprocess.run([python, str(CASES), json.dumps(spec)], capture_output=True, text=True, timeout=900,
+                             env=env)  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"{self.store} {method} {size} MiB {phase} failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        server_after = _server_cpu(self.pid)
+        result["server_cpu"] = None if server_before is None else server_after - server_before  # type: ignore[operator]
+        return result
 
-class Target:
-    """One store in the child process: the ckptcloud saver and the SDK calls the naive method uses."""
-
-    def __init__(self, store: str, endpoint: str, bucket: str) -> None:
-        self.store, self.bucket = store, bucket
-        if store == "s3":
-            import boto3
-            from botocore.config import Config
-
-            from ckptcloud.savers import S3Saver
-
-            config = Config(max_pool_connections=16, s3={"addressing_style": "path"})
-            self.client = boto3.client("s3", endpoint_url=endpoint, config=config)
-            self.saver = S3Saver(bucket, "bench", client=self.client, require_empty=False)
-        elif store == "gcs":
-            from google.auth.credentials import AnonymousCredentials
-            from google.cloud import storage
-
-            from ckptcloud.savers import GCSSaver
-
-            options = {"api_endpoint": endpoint}
-            self.client = storage.Client(project="bench", credentials=AnonymousCredentials(), client_options=options)
-            self.saver = GCSSaver(bucket, "bench", client=self.client, require_empty=False)
-        else:
-            from azure.storage.blob import ContainerClient
-
-            from ckptcloud.savers import AzureBlobSaver
-
-            self.client = ContainerClient.from_connection_string(endpoint, bucket, api_version="2025-11-05")
-            self.saver = AzureBlobSaver(bucket, "bench", container_client=self.client, require_empty=False)
-
-    def naive_put(self, key: str, data: bytes) -> None:
-        if self.store == "s3":
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        elif self.store == "gcs":
-            self.client.bucket(self.bucket).blob(key).upload_from_file(io.BytesIO(data), size=len(data))
-        else:
-            self.client.upload_blob(key, data, overwrite=True, max_concurrency=4)
-
-    def naive_get(self, key: str) -> bytes:
-        if self.store == "s3":
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        if self.store == "gcs":
-            return self.client.bucket(self.bucket).blob(key).download_as_bytes()
-        return self.client.download_blob(key, max_concurrency=4).readall()
+    def both(self, method: str, size: int, concurrency: int = 8, tag: str = "") -> dict:
+        """Save then load, ``--repeat`` times; the median of each field."""
+        runs = []
+        for _ in range(self.args.repeat):
+            save = self.measure(method, size, "save", concurrency, tag)
+            load = self.measure(method, size, "load", concurrency, tag)
+            runs.append({"save": save, "load": load})
+            if method != "local":
+                delete(self.store, self.endpoint, self.bucket, f"bench/{method}-{tag}{size}.pt")
+        return {phase: _median([r[phase] for r in runs]) for phase in ("save", "load")}
 
 
-class _Stateful:
-    """Wraps a ready state dict for Checkpoint (which calls ``state_dict()`` on what it saves)."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
+def _median(runs: list[dict]) -> dict:
+    return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]}
 
 
-def run_case(store: str, method: str, size_mib: int, endpoint: str, bucket: str, phase: str) -> dict:
-    """One measurement in this (fresh) process: ``phase`` is ``save`` or ``load``."""
-    import torch
-
-    target = Target(store, endpoint, bucket)
-    name = f"{method}-{size_mib}.pt"
-    key = f"bench/{name}"
-    local_path = os.path.join(tempfile.gettempdir(), f"ckptcloud-bench-{store}-{size_mib}.pt")
-    if phase == "save":
-        state = make_state(size_mib)
-        before = _status("VmHWM")
-        start = time.perf_counter()
-        blocked = None
-        if method == "ckptcloud-async":
-            from ckptcloud import Checkpoint
-
-            # the training loop's view: save() returns after a CPU snapshot; the upload runs in the background
-            ckpt = Checkpoint({"state": _Stateful(state)}, target.saver, async_save=True, filename_pattern=name)
-            ckpt.save(global_step=1)
-            blocked = time.perf_counter() - start
-            ckpt.wait()
-        elif method == "ckptcloud":
-            target.saver(state, name)
-        elif method == "local":
-            torch.save(state, local_path)
-        else:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            if method == "naive":
-                target.naive_put(key, buf.getvalue())
-            else:
-                buf.seek(0)
-                target.client.upload_fileobj(buf, bucket, key)
-        seconds = time.perf_counter() - start
-        return {"s": seconds, "blocked": seconds if blocked is None else blocked, "extra": _status("VmHWM") - before}
-    before = _status("VmRSS")
-    start = time.perf_counter()
-    if method.startswith("ckptcloud"):
-        loaded = target.saver.load(name)
-    elif method == "naive":
-        loaded = torch.load(io.BytesIO(target.naive_get(key)), weights_only=True)
-    elif method == "upload_fileobj":
-        buf = io.BytesIO()
-        target.client.download_fileobj(bucket, key, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=True)
-    else:
-        loaded = torch.load(local_path, weights_only=True)
-        os.unlink(local_path)
-    seconds = time.perf_counter() - start
-    assert sum(t.nbytes for t in loaded.values()) == size_mib * MiB
-    return {"s": seconds, "extra": _status("VmHWM") - before}
-
-
-def measure(store: str, method: str, size_mib: int, endpoint: str, bucket: str, phase: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--case", store, method, str(size_mib), endpoint, bucket, phase],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"{method} {size_mib} MiB {phase} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def table(results: dict, sizes: list[int], methods: list[str]) -> str:
-    head = (
-        "| method | size | save s | blocked s | save MB/s | save peak extra MiB | load s | load MB/s "
-        "| load peak MiB (x ckpt) | save s vs ckptcloud | blocked vs ckptcloud | save mem vs ckptcloud "
-        "| load s vs ckptcloud |"
-    )
-    lines = [head, "|" + "---|" * 13]
-    for size in sizes:
-        ref = results[("ckptcloud", size)]
-        for method in methods:
-            r = results[(method, size)]
-            mb = size * MiB / 1e6
-            lines.append(
-                f"| {method} | {size} MiB | {r['save']['s']:.2f} | {r['save']['blocked']:.2f} "
-                f"| {mb / r['save']['s']:.0f} "
-                f"| {r['save']['extra'] / MiB:.0f} | {r['load']['s']:.2f} | {mb / r['load']['s']:.0f} "
-                f"| {r['load']['extra'] / MiB:.0f} ({r['load']['extra'] / (size * MiB):.2f}x) "
-                f"| {r['save']['s'] / ref['save']['s']:.2f} | {r['save']['blocked'] / ref['save']['blocked']:.2f} "
-                f"| {max(r['save']['extra'], 1) / max(ref['save']['extra'], 1):.2f} "
-                f"| {r['load']['s'] / ref['load']['s']:.2f} |"
-            )
-    return "\n".join(lines)
-
-
-def start_server(store: str, s3_server: str, endpoint: str | None) -> tuple:
-    """Start the emulator for ``store`` unless ``endpoint`` is given; returns (server, endpoint, label)."""
+def start_server(store: str, endpoint: str | None) -> tuple:
+    """Start the emulator for ``store`` unless ``endpoint`` is given: (server or None, endpoint)."""
     from ckptcloud.testing import servers
 
     if endpoint is not None:
-        return None, endpoint, "the given endpoint"
+        return None, endpoint
     if store == "s3":
-        server = servers.start_seaweedfs() if s3_server == "seaweedfs" else servers.start_moto()
-        return server, server.endpoint, s3_server
+        server = servers.start_seaweedfs()
+        return server, server.endpoint
     if store == "gcs":
         server = servers.start_fake_gcs()
-        return server, server.endpoint, "fake-gcs-server"
+        return server, server.endpoint
     server = servers.start_azurite()
-    return server, server.extra["connection_string"], "Azurite"
+    return server, server.extra["connection_string"]
 
 
-def create_bucket(store: str, endpoint: str, bucket: str) -> None:
+def _clients(store: str, endpoint: str) -> object:
     if store == "s3":
         from ckptcloud.stores.s3 import make_s3_client
 
-        make_s3_client(endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    elif store == "gcs":
+        return make_s3_client(endpoint_url=endpoint, region_name="us-east-1")
+    if store == "gcs":
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        options = {"api_endpoint": endpoint}
-        storage.Client(project="bench", credentials=AnonymousCredentials(), client_options=options).create_bucket(
-            bucket
-        )
+        return storage.Client("bench", AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient.from_connection_string(endpoint, api_version="2025-11-05")
+
+
+def create_bucket(store: str, endpoint: str, bucket: str) -> None:
+    client = _clients(store, endpoint)
+    if store == "s3":
+        client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    elif store == "gcs":
+        client.create_bucket(bucket)  # type: ignore[attr-defined]
     else:
-        from azure.storage.blob import BlobServiceClient
-
-        BlobServiceClient.from_connection_string(endpoint, api_version="2025-11-05").create_container(bucket)
+        client.create_container(bucket)  # type: ignore[attr-defined]
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        store, method, size, endpoint, bucket, phase = sys.argv[2:8]
-        print(json.dumps(run_case(store, method, int(size), endpoint, bucket, phase)))
-        return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="256,1024", help="checkpoint sizes in MiB, comma-separated")
-    parser.add_argument("--store", choices=sorted(METHODS), default="s3")
-    parser.add_argument("--server", choices=["seaweedfs", "moto"], default="seaweedfs", help="S3 server to start")
-    parser.add_argument(
-        "--endpoint", help="use this server instead of starting one (S3/GCS: URL; Azure: connection string)"
-    )
-    parser.add_argument("--methods", help="comma-separated subset of the store's methods")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    methods = args.methods.split(",") if args.methods else METHODS[args.store]
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+def delete(store: str, endpoint: str, bucket: str, key: str) -> None:
+    """Free the server's disk between cases (untimed)."""
+    client = _clients(store, endpoint)
+    if store == "s3":
+        client.delete_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
+    elif store == "gcs":
+        client.bucket(bucket).blob(key).delete()  # type: ignore[attr-defined]
+    else:
+        client.get_container_client(bucket).delete_blob(key)  # type: ignore[attr-defined]
 
-    server, endpoint, label = start_server(args.store, args.server, args.endpoint)
+
+def run_store(store: str, args: argparse.Namespace) -> dict:
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES[store]
+    methods = [m for m in (args.methods.split(",") if args.methods else METHODS[store]) if m in METHODS[store]]
+    if "fsspec" in methods and not args.fsspec_python:
+        print(f"  {store}: fsspec skipped (pass --fsspec-python; scripts/bench.sh makes .venv-fsspec)")
+        methods.remove("fsspec")
+    server, endpoint = start_server(store, args.endpoint)
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    create_bucket(args.store, endpoint, bucket)
-    print(f"# {args.store} save/load benchmark on {label}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
-    results: dict = {}
+    rows: dict = {}
     try:
+        create_bucket(store, endpoint, bucket)
+        runner = Runner(store, endpoint, bucket, args, server.process.pid if server else None)
         for size in sizes:
             for method in methods:
-                save = measure(args.store, method, size, endpoint, bucket, "save")
-                load = measure(args.store, method, size, endpoint, bucket, "load")
-                results[(method, size)] = {"save": save, "load": load}
-                print(f"  {method:>15} {size:>5} MiB  save {save['s']:.2f} s  load {load['s']:.2f} s", flush=True)
+                rows[(method, size)] = r = runner.both(method, size)
+                print(f"  {store:>5} {method:>16} {size:>5} MiB  save {r['save']['s']:6.2f} s "
+                      f"(peak +{r['save']['extra'] / MiB:5.0f} MiB, cpu {r['save']['cpu']:5.2f} s)  "
+                      f"load {r['load']['s']:6.2f} s (peak +{r['load']['extra'] / MiB:5.0f} MiB)",
+                      flush=True)  # fmt: skip
     finally:
         if server is not None:
             server.stop()
+    return {"sizes": sizes, "methods": methods, "rows": rows}
+
+
+def run_wan(args: argparse.Namespace) -> dict:
+    from ckptcloud.testing.faultproxy import FaultProxy
+
+    server, _ = start_server("s3", None)
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    results: dict = {}
+    try:
+        with FaultProxy(server.port, latency=args.wan_latency, connection_bandwidth=args.wan_bandwidth) as proxy:
+            create_bucket("s3", proxy.endpoint, bucket)
+            runner = Runner("s3", proxy.endpoint, bucket, args, server.process.pid)
+            cases = [("naive", "naive", 1), ("s3torchconnector", "s3torchconnector", 8)]
+            cases += [(f"ckptcloud c={c}", "ckptcloud", c) for c in (1, 4, 8, 16)]
+            for label, method, concurrency in cases:
+                results[label] = r = runner.both(method, args.wan_size, concurrency, tag=f"c{concurrency}-")
+                mb = args.wan_size * MiB / 1e6
+                print(f"    wan {label:>16} save {mb / r['save']['s']:5.0f} MB/s  load {mb / r['load']['s']:5.0f} MB/s",
+                      flush=True)  # fmt: skip
+    finally:
+        server.stop()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stores", default="s3,gcs,azure,wan", help="comma-separated: s3, gcs, azure, wan")
+    parser.add_argument("--sizes", help="checkpoint sizes in MiB for every store (default: per store)")
+    parser.add_argument("--methods", help="comma-separated subset of the methods")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median is reported")
+    parser.add_argument("--endpoint", help="your server instead of an emulator (S3/GCS: URL; Azure: connection string)")
+    parser.add_argument("--fsspec-python", help="python of an environment with s3fs, gcsfs, adlfs and torch")
+    parser.add_argument("--wan-size", type=int, default=256, help="MiB per WAN case")
+    parser.add_argument("--wan-latency", type=float, default=0.025, help="seconds added to each request")
+    parser.add_argument("--wan-bandwidth", type=float, default=10e6, help="bytes/s per connection per direction")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for tables and plot")
+    args = parser.parse_args()
+    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
+        os.environ.setdefault(name, value)
+    stores = args.stores.split(",")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1024**3:.0f} GiB, Python {platform.python_version()}"  # noqa: E501
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# ckptcloud benchmark, {stamp}, {machine}", flush=True)
+    started = time.monotonic()
+    results = {store: run_store(store, args) for store in stores if store in METHODS}
+    wan = run_wan(args) if "wan" in stores else None
+    minutes = (time.monotonic() - started) / 60
+
+    from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE
+
+    lines = [f"Measured {stamp} on {machine}; every case a fresh process, same emulator per store, "
+             f"{args.repeat} run(s) per case (median); the whole run took {minutes:.1f} min.", ""]  # fmt: skip
+    for store, r in results.items():
+        lines += [f"### {store}: {LABELS[store] if not args.endpoint else args.endpoint}", "",
+                  report.store_table(r["rows"], r["sizes"], r["methods"]), ""]  # fmt: skip
+    if wan:
+        lines += [f"### WAN simulation: SeaweedFS behind a proxy, {args.wan_latency * 1000:.0f} ms per request, "
+                  f"{args.wan_bandwidth / 1e6:.0f} MB/s per connection, {args.wan_size} MiB", "",
+                  report.wan_table(wan, args.wan_size), ""]  # fmt: skip
+    if "s3" in results:
+        checks = report.targets(results["s3"]["rows"], results["s3"]["sizes"], wan, DEFAULT_PART_SIZE,
+                                DEFAULT_MAX_CONCURRENCY)  # fmt: skip
+        lines += ["### Targets (S3 on SeaweedFS; ratios from this run)", "", report.targets_table(checks), ""]
+    text = "\n".join(lines)
     print()
-    print(table(results, sizes, methods))
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(text)
+    raw = {store: {**r, "rows": [[m, s, v] for (m, s), v in r["rows"].items()]} for store, r in results.items()}
+    (args.out / "bench.json").write_text(json.dumps({"when": stamp, "machine": machine, "stores": raw, "wan": wan}))
+    plot_results = {store: r["rows"] for store, r in results.items()}
+    report.plot(plot_results, wan, args.wan_size, args.out / "bench.png", f"ckptcloud benchmark, {stamp}, {machine}")
+    print(f"\nwrote {args.out}/bench.md, bench.json, bench.png")
     return 0
 
 

@@ -10,10 +10,7 @@ if [ "${1:-}" = "--xla" ]; then
   CKPTCLOUD_XLA_PYTHON="$(pwd)/$(bash scripts/xla_env.sh)"
   export CKPTCLOUD_XLA_PYTHON
 fi
-# Azurite (Azure Blob emulator) from npm, pinned: 3.37+ needs Node 22.
-if [ ! -x .emulators/node_modules/.bin/azurite-blob ]; then
-  npm install --prefix .emulators --no-audit --no-fund --loglevel=error azurite@3.35.0 1>&2
-fi
+bash scripts/emulators.sh
 set +e
 "$py" -m pytest "$@"
 rc=$?
