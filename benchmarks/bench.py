@@ -162,6 +162,7 @@ def run_store(store: str, args: argparse.Namespace) -> dict:
     try:
         create_bucket(store, endpoint, bucket)
         runner = Runner(store, endpoint, bucket, args, server.process.pid if server else None)
+        runner.measure("naive", 16, "save")  # untimed warm-up: SeaweedFS makes its volumes on the first write
         for size in sizes:
             for method in methods:
                 rows[(method, size)] = r = runner.both(method, size)
@@ -185,6 +186,7 @@ def run_wan(args: argparse.Namespace) -> dict:
         with FaultProxy(server.port, latency=args.wan_latency, connection_bandwidth=args.wan_bandwidth) as proxy:
             create_bucket("s3", proxy.endpoint, bucket)
             runner = Runner("s3", proxy.endpoint, bucket, args, server.process.pid)
+            runner.measure("naive", 16, "save")  # untimed warm-up, as in run_store
             cases = [("naive", "naive", 1), ("s3torchconnector", "s3torchconnector", 8)]
             cases += [(f"ckptcloud c={c}", "ckptcloud", c) for c in (1, 4, 8, 16)]
             for label, method, concurrency in cases:
