@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
 
-from benchmarks import report
+from benchmarks import cases, report
 
 MiB = 1024 * 1024
 CASES = Path(__file__).with_name("cases.py")
@@ -66,6 +66,24 @@ class Runner:
 
     def __init__(self, store: str, endpoint: str, bucket: str, args: argparse.Namespace, pid: int | None) -> None:
         self.store, self.endpoint, self.bucket, self.args, self.pid = store, endpoint, bucket, args, pid
+        self.client = cases.sdk_client({"store": store, "endpoint": endpoint, "bucket": bucket})  # untimed chores
+
+    def create_bucket(self) -> None:
+        if self.store == "s3":
+            self.client.create_bucket(Bucket=self.bucket)
+        elif self.store == "gcs":
+            self.client.create_bucket(self.bucket)
+        else:
+            self.client.create_container()
+
+    def delete(self, key: str) -> None:
+        """Free the server's disk between cases (untimed)."""
+        if self.store == "s3":
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        elif self.store == "gcs":
+            self.client.bucket(self.bucket).blob(key).delete()
+        else:
+            self.client.delete_blob(key)
 
     def measure(self, method: str, size: int, phase: str, concurrency: int = 8, tag: str = "") -> dict:
         python = self.args.fsspec_python if method == "fsspec" else sys.executable
@@ -90,7 +108,7 @@ class Runner:
             load = self.measure(method, size, "load", concurrency, tag)
             runs.append({"save": save, "load": load})
             if method != "local":
-                delete(self.store, self.endpoint, self.bucket, f"bench/{method}-{tag}{size}.pt")
+                self.delete(f"bench/{method}-{tag}{size}.pt")
         return {phase: _median([r[phase] for r in runs]) for phase in ("save", "load")}
 
 
@@ -114,42 +132,6 @@ def start_server(store: str, endpoint: str | None) -> tuple:
     return server, server.extra["connection_string"]
 
 
-def _clients(store: str, endpoint: str) -> object:
-    if store == "s3":
-        from ckptcloud.stores.s3 import make_s3_client
-
-        return make_s3_client(endpoint_url=endpoint, region_name="us-east-1")
-    if store == "gcs":
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        return storage.Client("bench", AnonymousCredentials(), client_options={"api_endpoint": endpoint})
-    from azure.storage.blob import BlobServiceClient
-
-    return BlobServiceClient.from_connection_string(endpoint, api_version="2025-11-05")
-
-
-def create_bucket(store: str, endpoint: str, bucket: str) -> None:
-    client = _clients(store, endpoint)
-    if store == "s3":
-        client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
-    elif store == "gcs":
-        client.create_bucket(bucket)  # type: ignore[attr-defined]
-    else:
-        client.create_container(bucket)  # type: ignore[attr-defined]
-
-
-def delete(store: str, endpoint: str, bucket: str, key: str) -> None:
-    """Free the server's disk between cases (untimed)."""
-    client = _clients(store, endpoint)
-    if store == "s3":
-        client.delete_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
-    elif store == "gcs":
-        client.bucket(bucket).blob(key).delete()  # type: ignore[attr-defined]
-    else:
-        client.get_container_client(bucket).delete_blob(key)  # type: ignore[attr-defined]
-
-
 def run_store(store: str, args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES[store]
     methods = [m for m in (args.methods.split(",") if args.methods else METHODS[store]) if m in METHODS[store]]
@@ -160,8 +142,8 @@ def run_store(store: str, args: argparse.Namespace) -> dict:
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     rows: dict = {}
     try:
-        create_bucket(store, endpoint, bucket)
         runner = Runner(store, endpoint, bucket, args, server.process.pid if server else None)
+        runner.create_bucket()
         runner.measure("naive", 16, "save")  # untimed warm-up: SeaweedFS makes its volumes on the first write
         for size in sizes:
             for method in methods:
@@ -184,8 +166,8 @@ def run_wan(args: argparse.Namespace) -> dict:
     results: dict = {}
     try:
         with FaultProxy(server.port, latency=args.wan_latency, connection_bandwidth=args.wan_bandwidth) as proxy:
-            create_bucket("s3", proxy.endpoint, bucket)
             runner = Runner("s3", proxy.endpoint, bucket, args, server.process.pid)
+            runner.create_bucket()
             runner.measure("naive", 16, "save")  # untimed warm-up, as in run_store
             cases = [("naive", "naive", 1), ("s3torchconnector", "s3torchconnector", 8)]
             cases += [(f"ckptcloud c={c}", "ckptcloud", c) for c in (1, 4, 8, 16)]

@@ -60,19 +60,12 @@ def _saver(spec: dict) -> Any:
     from ckptcloud.savers import AzureBlobSaver, GCSSaver, S3Saver
 
     options = {"require_empty": False, "max_concurrency": spec["concurrency"]}
-    store, endpoint, bucket = spec["store"], spec["endpoint"], spec["bucket"]
-    if store == "s3":
-        return S3Saver(bucket, "bench", endpoint_url=endpoint, region_name="us-east-1", **options)
+    store, bucket = spec["store"], spec["bucket"]
+    if store == "s3":  # the saver's own client (its checksum and signing settings are part of what is measured)
+        return S3Saver(bucket, "bench", endpoint_url=spec["endpoint"], region_name="us-east-1", **options)
     if store == "gcs":
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-
-        client = storage.Client("bench", AnonymousCredentials(), client_options={"api_endpoint": endpoint})
-        return GCSSaver(bucket, "bench", client=client, **options)
-    from azure.storage.blob import ContainerClient
-
-    container = ContainerClient.from_connection_string(endpoint, bucket, api_version="2025-11-05")
-    return AzureBlobSaver(bucket, "bench", container_client=container, **options)
+        return GCSSaver(bucket, "bench", client=sdk_client(spec), **options)
+    return AzureBlobSaver(bucket, "bench", container_client=sdk_client(spec), **options)
 
 
 def ckptcloud_save(spec: dict, saver: Any, state: dict, name: str) -> float | None:
@@ -95,7 +88,8 @@ def ckptcloud_load(spec: dict, saver: Any, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ the SDKs, naively
-def _sdk(spec: dict) -> Any:
+def sdk_client(spec: dict) -> Any:
+    """The SDK's default client for the store (for Azure: the container's)."""
     store, endpoint = spec["store"], spec["endpoint"]
     if store == "s3":
         import boto3
@@ -205,8 +199,8 @@ def s3torch_load(spec: dict, checkpoint: Any, key: str) -> Any:
 # -------------------------------------------------------------------------------------------------- the case
 FAMILIES = {  # method -> (make the client once, untimed: a training job does it once; save; load)
     "ckptcloud": (_saver, ckptcloud_save, ckptcloud_load),
-    "naive": (_sdk, naive_save, naive_load),
-    "upload_fileobj": (_sdk, naive_save, naive_load),
+    "naive": (sdk_client, naive_save, naive_load),
+    "upload_fileobj": (sdk_client, naive_save, naive_load),
     "fsspec": (_fs, fsspec_save, fsspec_load),
     "s3torchconnector": (_s3torch, s3torch_save, s3torch_load),
 }
