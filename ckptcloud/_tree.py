@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 
 def tree_map(func: Callable[[Any], Any], x: Any) -> Any:
-    """Apply ``func`` to every leaf of nested mappings, lists and tuples, keeping the containers' types."""
-    if isinstance(x, Mapping):
-        return type(x)({k: tree_map(func, v) for k, v in x.items()})  # type: ignore[call-arg]
+    """Apply ``func`` to every leaf of nested mappings, lists and tuples, keeping the containers' types.
+
+    Mutable mappings and lists (subclasses such as ``defaultdict`` and ``OrderedDict`` included) are copied with
+    ``copy.copy`` and refilled, so constructors with other signatures are never called; plain tuples and
+    namedtuples are rebuilt; read-only mappings become dicts. Anything else (``torch.Size``, other tuple
+    subclasses) is a leaf.
+    """
+    if isinstance(x, MutableMapping):
+        out = copy.copy(x)
+        for key, value in x.items():
+            out[key] = tree_map(func, value)
+        return out
+    if isinstance(x, Mapping):  # read-only mappings come back as plain dicts
+        return {key: tree_map(func, value) for key, value in x.items()}
+    if isinstance(x, list):
+        out_list = copy.copy(x)
+        out_list[:] = [tree_map(func, v) for v in x]
+        return out_list
+    if type(x) is tuple:
+        return tuple(tree_map(func, v) for v in x)
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return type(x)(*(tree_map(func, v) for v in x))
-    if isinstance(x, (list, tuple)):
-        return type(x)(tree_map(func, v) for v in x)
     return func(x)
 
 
 def tree_leaves(x: Any) -> list[Any]:
-    """Every leaf of nested mappings, lists and tuples, in order."""
+    """Every leaf of nested mappings, lists and tuples, in order (the containers :func:`tree_map` walks)."""
     leaves: list[Any] = []
-    tree_map(leaves.append, x)
+    stack = [x]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Mapping):
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list) or type(node) is tuple or (isinstance(node, tuple) and hasattr(node, "_fields")):
+            stack.extend(reversed(node))
+        else:
+            leaves.append(node)
     return leaves
 
 

@@ -1,17 +1,25 @@
 """Saves that run in the background: one worker thread, at most one save in flight.
 
-``Checkpoint(..., async_save=True)`` takes a CPU snapshot of the state on the caller's thread (one copy of the
-state), hands the upload to this writer and returns. The caller's thread finishes each save later - at the next
-save, :meth:`wait` or :meth:`close` - where every rank agrees on the outcome, and only then does the kept list
-change and do evictions run. A background failure is logged when it happens and raised at that next call.
-At interpreter exit a pending save is finished; if it fails, that is logged as an error and printed to stderr.
+``Checkpoint(..., async_save=True)`` takes a CPU snapshot of the state on the caller's thread (on the writing rank
+only), hands the upload to this writer and returns. The caller's thread finishes each save later - at the next
+save, :meth:`~BackgroundWriter.wait` or :meth:`~BackgroundWriter.close` - where every rank agrees on the outcome,
+and only then does the kept list change and do evictions run. A background failure is logged when it happens and
+raised at that next call.
+
+At interpreter exit a pending save is finished before Python stops its thread pools: the exit hook is registered
+with ``threading``'s own exit hooks, which run in reverse order of registration, after ``concurrent.futures``
+registered its own, so part uploads can still be scheduled. The exit hook runs no coordination with other ranks
+(they may be gone): the writer finishes its upload and its evictions on its own. A failure is printed on stderr.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401  (registers its exit hook first, so that ours runs before it)
+import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -19,9 +27,15 @@ from ckptcloud import distributed
 
 logger = logging.getLogger("ckptcloud")
 
+_in_flight: set[BackgroundWriter] = set()  # writers with a save not yet finished (the exit hook finishes them)
+_in_flight_lock = threading.Lock()
+
 
 class BackgroundWriter:
     """Runs one write at a time on a worker thread; its ``finish`` step runs on the caller's thread.
+
+    Args:
+        save_on_rank: the rank whose outcome every rank agrees on.
 
     Example:
         >>> done = []
@@ -37,41 +51,47 @@ class BackgroundWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptcloud-save")
         self._pending: tuple[Future[None], Callable[[], None], str] | None = None
         self._closed = False
-        atexit.register(self._at_exit)
-
-    @property
-    def pending(self) -> bool:
-        """Whether a save is in flight or not yet finished."""
-        return self._pending is not None
 
     def submit(self, write: Callable[[], None], finish: Callable[[], None], what: str) -> None:
         """Finish the previous save (raising its error, if any), then start ``write`` in the background."""
         if self._closed:
             raise RuntimeError("this checkpoint was closed: no more saves")
         self.wait()
-        self._pending = (self._executor.submit(self._run, write, what), finish, what)
+        writer = distributed.get_rank() == self._save_on_rank
+        self._pending = (self._executor.submit(self._run, write, what, writer), finish, what)
+        with _in_flight_lock:
+            _in_flight.add(self)
 
     @staticmethod
-    def _run(write: Callable[[], None], what: str) -> None:
+    def _run(write: Callable[[], None], what: str, writer: bool) -> None:
         try:
-            with distributed.local_only():
+            # the writer's heartbeat tells the ranks waiting for this outcome that the upload is still going
+            with distributed.busy() if writer else contextlib.nullcontext(), distributed.local_only():
                 write()
         except BaseException as err:
             logger.error("background %s failed: %s (it is raised at the next save, wait() or close())", what, err)
             raise
 
     def wait(self, *, agree: bool = True) -> None:
-        """Block until the save in flight is stored, then finish it; raise its error (on every rank)."""
+        """Block until the save in flight is stored, then finish it; raise its error (on every rank).
+
+        With ``agree=False`` nothing is coordinated with the other ranks: each finishes on its own.
+        """
         if self._pending is None:
             return
         future, finish, what = self._pending
+        error = future.exception()  # a Ctrl-C here leaves the save pending, to be finished later
         self._pending = None
-        error = future.exception()
+        with _in_flight_lock:
+            _in_flight.discard(self)
         if agree:
             distributed.agree(error, self._save_on_rank, what)
-        elif error is not None:
+            finish()
+            return
+        if error is not None:
             raise error
-        finish()
+        with distributed.local_only():
+            finish()
 
     def close(self) -> None:
         """Finish what is pending and stop the worker."""
@@ -81,13 +101,32 @@ class BackgroundWriter:
             self._closed = True
             self._executor.shutdown(wait=True)
 
-    def _at_exit(self) -> None:
+    def _finish_at_exit(self) -> None:
         if self._pending is None:
             return
         what = self._pending[2]
         logger.warning("finishing %s, still in flight at interpreter exit", what)
         try:
-            self.wait(agree=False)  # other ranks may be gone: no collective now
+            self.wait(agree=False)
         except BaseException as err:
             logger.error("%s FAILED at interpreter exit: %s", what, err)
-            print(f"ckptcloud: {what} FAILED at interpreter exit: {err}", file=sys.stderr)
+            print(
+                f"ckptcloud: {what} FAILED at interpreter exit: {err} ({type(err).__name__}). "
+                "That checkpoint was not stored; the checkpoints stored before it are kept.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _finish_all_at_exit() -> None:
+    with _in_flight_lock:
+        writers = list(_in_flight)
+    for writer in writers:
+        writer._finish_at_exit()
+
+
+_register = getattr(threading, "_register_atexit", None)  # CPython 3.9+; runs before thread pools shut down
+if _register is not None:
+    _register(_finish_all_at_exit)
+else:  # pragma: no cover - other interpreters
+    atexit.register(_finish_all_at_exit)

@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import numbers
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -30,6 +31,7 @@ from ckptcloud import distributed
 from ckptcloud._tree import tree_apply2, tree_leaves, tree_map
 from ckptcloud.background import BackgroundWriter
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
+from ckptcloud.snapshot import snapshot
 from ckptcloud.stores.base import ObjectInfo
 
 logger = logging.getLogger("ckptcloud")
@@ -154,21 +156,28 @@ class Checkpoint:
     # ------------------------------------------------------------------------------------------- one call
     def __call__(self, engine: Any, *args: Any, **kwargs: Any) -> None:
         """Ignite event-handler entry point: score, gate, save, then evict."""
-        global_step = None
-        if self.global_step_transform is not None:
-            global_step = self.global_step_transform(engine, getattr(engine, "last_event_name", None))
-        if self.score_function is not None:
-            priority = self.score_function(engine)
-            if not isinstance(priority, numbers.Number):
-                raise ValueError("Output of score_function should be a number")
-        else:
-            if global_step is None:
-                global_step = engine.state.iteration
-            priority = global_step
-        self._save(priority, global_step, self.score_function is not None, engine)
+
+        def inputs() -> tuple[Any, Any, bool]:
+            global_step = None
+            if self.global_step_transform is not None:
+                global_step = self.global_step_transform(engine, getattr(engine, "last_event_name", None))
+            if self.score_function is not None:
+                priority = self.score_function(engine)
+                if not isinstance(priority, numbers.Number):
+                    raise ValueError("Output of score_function should be a number")
+            else:
+                if global_step is None:
+                    global_step = engine.state.iteration
+                priority = global_step
+            return priority, global_step, self.score_function is not None
+
+        self._save(inputs, engine)
 
     def save(self, global_step: int | None = None, score: float | None = None) -> str | None:
         """Plain-loop entry point: save unless retention says the checkpoint is not worth keeping.
+
+        In a distributed run, call it on every rank: the writing rank (``save_on_rank``) decides from its own
+        ``global_step`` and ``score``, and every rank follows that decision.
 
         Args:
             global_step: step or epoch put in the filename; the priority when no score is given.
@@ -183,61 +192,35 @@ class Checkpoint:
             >>> ckpt.save(global_step=10)
             'model_10.pt'
         """
-        if score is not None:
-            if not isinstance(score, numbers.Number):
-                raise ValueError(f"Argument `score` should be a number (use tensor.item()), but given {type(score)}")
-            priority: Any = score
-        elif self.score_function is not None:
-            raise ValueError(
-                "This Checkpoint ranks by a score (score_function or score_name was given): pass `score=` to save()"
-            )
-        elif global_step is None:
-            raise ValueError("Pass `global_step=` or `score=` to save(): a checkpoint needs a step or a score")
-        else:
-            priority = global_step
-        return self._save(priority, global_step, score is not None, None)
 
-    def _save(self, priority: Any, global_step: Any, with_score: bool, engine: Any) -> str | None:
-        self.wait()  # async: the previous save is stored and its bookkeeping done before this one is ranked
-        if _is_non_finite(priority):
-            if not self._warned_nan:
-                warnings.warn(
-                    f"Checkpoint score is {priority!r} (NaN or infinite): not saved, and it evicts nothing "
-                    "(further ones are not warned)",
-                    RuntimeWarning,
-                    stacklevel=3,
+        def inputs() -> tuple[Any, Any, bool]:
+            if score is not None:
+                if not isinstance(score, numbers.Number):
+                    raise ValueError(
+                        f"Argument `score` should be a number (use tensor.item()), but given {type(score)}"
+                    )
+                return score, global_step, True
+            if self.score_function is not None:
+                raise ValueError(
+                    "This Checkpoint ranks by a score (score_function or score_name was given): pass `score=` to save()"
                 )
-                self._warned_nan = True
-            return None
-        if not (self._check_lt_n_saved() or self._compare_fn(priority)):
-            return None
+            if global_step is None:
+                raise ValueError("Pass `global_step=` or `score=` to save(): a checkpoint needs a step or a score")
+            return global_step, global_step, False
 
-        priority_str = f"{priority}" if isinstance(priority, numbers.Integral) else f"{priority:.4f}"
+        return self._save(inputs, None)
+
+    def _save(self, inputs: Callable[[], tuple[Any, Any, bool]], engine: Any) -> str | None:
+        self.wait()  # async: the previous save is stored and its bookkeeping done before this one is ranked
+        plan = self._agree_on_plan(inputs)
+        if plan is None:
+            return None
+        filename: str = plan["filename"]
+        priority = plan["priority"]
         payload: Any = self._setup_checkpoint()
-        name = "checkpoint"
-        if len(payload) == 1:
-            name = next(iter(payload))
-            if not self.include_self:
-                payload = payload[name]
-        pattern = self.filename_pattern or self.setup_filename_pattern(
-            with_prefix=len(self.filename_prefix) > 0,
-            with_score=with_score,
-            with_score_name=self.score_name is not None,
-            with_global_step=global_step is not None,
-        )
-        filename = pattern.format(
-            filename_prefix=self.filename_prefix,
-            ext=self.ext,
-            name=name,
-            score_name=self.score_name,
-            score=priority_str if with_score else None,
-            global_step=global_step,
-        )
-        metadata = {
-            "basename": f"{self.filename_prefix}{'_' * int(len(self.filename_prefix) > 0)}{name}",
-            "score_name": self.score_name,
-            "priority": priority,
-        }
+        if len(payload) == 1 and not self.include_self:
+            payload = payload[self._name()]
+        metadata = {"basename": self._basename(), "score_name": self.score_name, "priority": priority}
 
         kept = list(self._saved)
         evicted: list[Checkpoint.Item] = []
@@ -262,10 +245,84 @@ class Checkpoint:
         if self._background is None:
             self._write(payload, filename, metadata)
             finish()
-        else:
-            snapshot = distributed.snapshot(payload)  # every rank: XLA needs all of them; training may go on now
-            self._background.submit(lambda: self._write(snapshot, filename, metadata), finish, f"saving {filename}")
+            return filename
+        distributed.sync_xla(payload)  # every rank: XLA's pending graph is a collective step
+        if self._writes_here():
+            payload = snapshot(payload)  # training may go on now; other ranks copy nothing
+        data = payload
+        self._background.submit(lambda: self._write(data, filename, metadata), finish, f"saving {filename}")
         return filename
+
+    def _plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
+        """This rank's decision: ``{"filename", "priority"}`` of the checkpoint to save, or ``None`` to skip it."""
+        raw_priority, global_step, with_score = inputs()
+        priority = _as_number(raw_priority)
+        if _is_non_finite(priority):
+            if not self._warned_nan:
+                warnings.warn(
+                    f"Checkpoint score is {priority!r} (NaN or infinite): not saved, and it evicts nothing "
+                    "(further ones are not warned)",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                self._warned_nan = True
+            return None
+        if not (self._check_lt_n_saved() or self._compare_fn(priority)):
+            return None
+        priority_str = f"{priority}" if isinstance(priority, int) else f"{priority:.4f}"
+        pattern = self.filename_pattern or self.setup_filename_pattern(
+            with_prefix=len(self.filename_prefix) > 0,
+            with_score=with_score,
+            with_score_name=self.score_name is not None,
+            with_global_step=global_step is not None,
+        )
+        filename = pattern.format(
+            filename_prefix=self.filename_prefix,
+            ext=self.ext,
+            name=self._name(),
+            score_name=self.score_name,
+            score=priority_str if with_score else None,
+            global_step=global_step,
+        )
+        return {"filename": filename, "priority": priority}
+
+    def _agree_on_plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
+        """The writing rank's plan, on every rank; a rank whose own plan differs follows it with a warning."""
+        mine: dict[str, Any] | Exception | None
+        try:
+            mine = self._plan(inputs)
+        except Exception as err:
+            mine = err
+
+        def writers_plan() -> dict[str, Any] | None:
+            if isinstance(mine, Exception):
+                raise mine
+            return mine
+
+        plan: dict[str, Any] | None = distributed.share(self.save_on_rank, writers_plan, "deciding the next save")
+        if plan != mine:
+            warnings.warn(
+                f"rank {distributed.get_rank()} follows rank {self.save_on_rank}, which {_describe_plan(plan)}, "
+                f"although this rank {_describe_plan(mine)}: the ranks passed different scores or steps. Reduce "
+                "metrics across ranks (e.g. torch.distributed.all_reduce) before passing them to the checkpoint",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return plan
+
+    def _writes_here(self) -> bool:
+        """Whether the save handler writes on this rank (ckptcloud's and ignite's savers write on one rank only)."""
+        if not is_save_handler(self.save_handler):
+            return True
+        return getattr(self.save_handler, "save_on_rank", distributed.get_rank()) == distributed.get_rank()
+
+    def _name(self) -> str:
+        """The ``{name}`` of filenames: the one key of ``to_save``, else ``"checkpoint"``."""
+        return next(iter(self.to_save)) if len(self.to_save) == 1 else "checkpoint"
+
+    def _basename(self) -> str:
+        """``{filename_prefix}_{name}`` (no underscore without a prefix): what resume matches in metadata."""
+        return f"{self.filename_prefix}{'_' * int(len(self.filename_prefix) > 0)}{self._name()}"
 
     def _write(self, payload: Any, filename: str, metadata: dict[str, Any]) -> None:
         if self._metadata_mode == "positional":
@@ -381,10 +438,9 @@ class Checkpoint:
                 f"resume needs a save handler that can list what it stored (DiskSaver, S3Saver, ...), "
                 f"but given {type(self.save_handler)}"
             )
-        stored = describe() if distributed.get_rank() == self.save_on_rank else None
-        stored = distributed.broadcast_object(stored, self.save_on_rank)
-        if stored is None:  # ranks without a process group: every rank reads the listing itself
-            stored = describe()
+        # The writing rank lists; every rank gets its listing, or raises its error.
+        listing = distributed.share(self.save_on_rank, lambda: _encode_listing(describe()), "listing checkpoints")
+        stored = {name: ObjectInfo(**info) for name, info in listing.items()}
         items = self._matching_items(stored)
         extra = len(items) - self.n_saved if self.n_saved is not None else 0
         self._saved = items[max(extra, 0) :]
@@ -397,9 +453,7 @@ class Checkpoint:
 
         from ckptcloud._resume import pattern_regex, priority_from
 
-        keys = list(self.to_save)
-        name = keys[0] if len(keys) == 1 else "checkpoint"
-        basename = f"{self.filename_prefix}{'_' * int(len(self.filename_prefix) > 0)}{name}"
+        name, basename = self._name(), self._basename()
         by_score = self.score_function is not None
         if self.filename_pattern:
             patterns = [self.filename_pattern]
@@ -532,6 +586,31 @@ def _is_non_finite(value: Any) -> bool:
         return isinstance(value, numbers.Real) and not math.isfinite(value)
     except (TypeError, ValueError, OverflowError):
         return False
+
+
+def _as_number(value: Any) -> int | float:
+    """A score or step as a plain ``int`` or ``float`` (NumPy and torch scalars included), the same on every rank."""
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"A checkpoint's score or step should be a real number, but given {value!r}")
+
+
+def _describe_plan(plan: dict[str, Any] | Exception | None) -> str:
+    if plan is None:
+        return "skips this save"
+    if isinstance(plan, Exception):
+        return f"failed to decide ({type(plan).__name__}: {plan})"
+    return f"saves {plan['filename']}"
+
+
+def _encode_listing(stored: Mapping[str, ObjectInfo]) -> dict[str, dict[str, Any]]:
+    """A save handler's listing as JSON data, to share it between ranks."""
+    return {
+        name: {"key": i.key, "size": i.size, "last_modified": i.last_modified, "metadata": dict(i.metadata)}
+        for name, i in stored.items()
+    }
 
 
 def _metadata_mode(handler: Any) -> str:

@@ -1,22 +1,29 @@
-"""The only module that knows about ranks, collectives and XLA (torch_xla is never imported here, only used
+"""The only module that knows about ranks, process groups and XLA (torch_xla is never imported here, only used
 when the program already imported it).
 
-Every rank calls a save handler; :func:`run_on_rank` runs the write on one rank and makes every rank return or
-raise together. :func:`to_cpu` is called on every rank because moving XLA tensors is a collective step.
+Every rank calls a save handler. :func:`run_on_rank` runs the write on the writing rank only, and every rank
+returns or raises together; :func:`share` hands the writer's answer (a decision, a listing) to every rank. Both go
+through :class:`~ckptcloud.coordination.Board`, JSON records in the process group's store: no collective, no
+pickle, no numpy, and the writer never waits for the others (see that module for the timeouts).
+
+Without an initialized process group (one process, or XLA ranks without one) there is nothing to agree through:
+each rank acts on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 
 from ckptcloud._tree import tree_leaves, tree_map
+from ckptcloud.coordination import Board
 from ckptcloud.errors import RemoteSaveError
 
 T = TypeVar("T")
@@ -38,53 +45,63 @@ def _torch_distributed_ready() -> bool:
 
 def get_rank() -> int:
     """This process's global rank: torch.distributed, else torch_xla (if imported), else 0."""
-    if _torch_distributed_ready():
-        return torch.distributed.get_rank()
-    xr = _xla_runtime()
-    if xr is not None:
-        return int(xr.global_ordinal())
-    return 0
+    return _rank_and_world()[0]
 
 
 def get_world_size() -> int:
     """Number of ranks: torch.distributed, else torch_xla (if imported), else 1."""
+    return _rank_and_world()[1]
+
+
+def _rank_and_world() -> tuple[int, int]:
     if _torch_distributed_ready():
-        return torch.distributed.get_world_size()
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
     xr = _xla_runtime()
     if xr is not None:
-        return int(xr.world_size())
-    return 1
+        return int(xr.global_ordinal()), int(xr.world_size())
+    return 0, 1
 
 
-def _needs_move(leaf: Any) -> bool:
-    return isinstance(leaf, torch.Tensor) and leaf.device.type != "cpu"
+# ------------------------------------------------------------------------------------------------------- XLA
+def _is_xla(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.device.type == "xla"
 
 
-def to_cpu(obj: Any) -> Any:
-    """Return ``obj`` with every tensor that is not on the CPU (XLA, CUDA, ...) copied to the CPU.
+def sync_xla(obj: Any) -> bool:
+    """Run XLA's pending graph if ``obj`` holds XLA tensors; returns whether it does.
 
-    Call it on every rank: for XLA tensors the pending graph is executed first, which all ranks must do together.
-    Returns ``obj`` itself when every tensor is already on the CPU.
+    Call it on every rank: the graph may hold collectives, which all ranks must run together. CUDA and other
+    devices need nothing here: ``torch.save`` copies their storages to the host one at a time, on the writer only.
     """
-    leaves = tree_leaves(obj)
-    if not any(_needs_move(leaf) for leaf in leaves):
+    if not any(_is_xla(leaf) for leaf in tree_leaves(obj)):
+        return False
+    xla = sys.modules.get("torch_xla")
+    if xla is not None and hasattr(xla, "sync"):
+        xla.sync()
+    return True
+
+
+def xla_to_cpu(obj: Any) -> Any:
+    """``obj`` with its XLA tensors copied to the CPU (``torch.save`` cannot write them); ``obj`` itself if none.
+
+    Call it on the writing rank only, after :func:`sync_xla` ran on every rank.
+    """
+    if not any(_is_xla(leaf) for leaf in tree_leaves(obj)):
         return obj
-    if any(isinstance(leaf, torch.Tensor) and leaf.device.type == "xla" for leaf in leaves):
-        xla = sys.modules.get("torch_xla")
-        if xla is not None and hasattr(xla, "sync"):
-            xla.sync()
-    return tree_map(lambda leaf: leaf.cpu() if _needs_move(leaf) else leaf, obj)
+    return tree_map(lambda leaf: leaf.cpu() if _is_xla(leaf) else leaf, obj)
 
 
+# -------------------------------------------------------------------------------------------- coordination
 _local = threading.local()
+_boards: dict[int, Board] = {}
 
 
 @contextlib.contextmanager
 def local_only() -> Iterator[None]:
-    """Within this block (on this thread), :func:`run_on_rank` runs no collective.
+    """Within this block (on this thread) nothing is published or awaited: each rank acts on its own.
 
-    Background saves use it: a collective from a worker thread could interleave with the training loop's own.
-    Their outcome is agreed on later, on the main thread, with :func:`agree`.
+    Background saves use it (their outcome is agreed on later, on the main thread, with :func:`agree`), and so does
+    the exit hook, when other ranks may be gone.
     """
     _local.only = True
     try:
@@ -93,58 +110,96 @@ def local_only() -> Iterator[None]:
         _local.only = False
 
 
-def agree(error: BaseException | None, src: int, what: str) -> None:
-    """Make every rank raise if rank ``src`` failed (and re-raise ``error`` on the rank that has it)."""
-    if get_world_size() > 1 and _torch_distributed_ready() and not getattr(_local, "only", False):
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        torch.distributed.broadcast_object_list(outcome, src=src)
-        if error is None and outcome[0] is not None:
-            raise RemoteSaveError(f"{what} failed on rank {src}: {outcome[0]}")
-    if error is not None:
-        raise error
+def _board(*, local_only_applies: bool = True) -> Board | None:
+    """The coordination board of the default process group; ``None`` with one rank, no group, or :func:`local_only`."""
+    if (local_only_applies and getattr(_local, "only", False)) or not _torch_distributed_ready():
+        return None
+    dist = torch.distributed
+    world = dist.get_world_size()
+    if world < 2:
+        return None
+    group = dist.distributed_c10d._get_default_group()
+    board = _boards.get(id(group))
+    if board is None:
+        store = dist.distributed_c10d._get_default_store()
+        timeout = getattr(store, "timeout", None)
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else 1800.0
+        _boards.clear()  # a new process group: the old board's steps and store are gone
+        board = _boards[id(group)] = Board(dist.PrefixStore("ckptcloud", store), dist.get_rank(), world, seconds)
+    return board
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` with every tensor copied to the CPU, safe to serialize while training goes on.
+@contextlib.contextmanager
+def busy() -> Iterator[None]:
+    """Mark this process as working on something the other ranks wait for (a background upload, say).
 
-    One copy of the state: tensors on other devices are copied straight to the CPU (XLA's pending graph is run
-    first, on every rank); CPU tensors are cloned; other leaves are deep-copied.
+    Followers keep waiting for as long as a busy writer beats its heartbeat. Works from any thread.
     """
-    if any(isinstance(leaf, torch.Tensor) and leaf.device.type == "xla" for leaf in tree_leaves(obj)):
-        xla = sys.modules.get("torch_xla")
-        if xla is not None and hasattr(xla, "sync"):
-            xla.sync()
-
-    def copy_leaf(leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor):
-            return leaf.detach().to("cpu", copy=True)
-        return copy.deepcopy(leaf)
-
-    return tree_map(copy_leaf, obj)
+    board = _board(local_only_applies=False)
+    with board.busy() if board is not None else contextlib.nullcontext():
+        yield
 
 
 def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
     """Run ``fn`` on ``rank`` only; every rank returns, or raises, together.
 
-    On the writing rank ``fn``'s own exception propagates. With an initialized process group, the outcome is
-    broadcast from ``rank`` so the other ranks raise :class:`RemoteSaveError` naming it instead of returning as if
-    the write had succeeded. Returns ``fn()``'s result on ``rank`` and ``None`` elsewhere.
+    On the writing rank ``fn``'s own exception propagates; the other ranks raise :class:`RemoteSaveError` naming
+    it, as soon as it is published. Returns ``fn()``'s result on ``rank`` and ``None`` elsewhere.
     """
-    error: BaseException | None = None
-    result: T | None = None
-    if get_rank() == rank:
-        try:
+    board = _board()
+    if board is None:
+        return fn() if get_rank() == rank else None
+    step = board.next_step()
+    if board.rank != rank:
+        _raise_if_failed(board.read(step, rank, what), rank, what)
+        return None
+    try:
+        with board.busy():
             result = fn()
-        except BaseException as err:
-            error = err
-    agree(error, rank, what)
+    except BaseException as err:
+        board.publish(step, what, error=err)
+        raise
+    board.publish(step, what)
     return result
 
 
-def broadcast_object(obj: T | None, src: int) -> T | None:
-    """``obj`` from rank ``src`` on every rank of an initialized process group; ``obj`` itself otherwise."""
-    if get_world_size() > 1 and _torch_distributed_ready():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
+def agree(error: BaseException | None, rank: int, what: str) -> None:
+    """Make every rank raise if rank ``rank`` failed (``error`` there); re-raise ``error`` where it happened."""
+
+    def outcome() -> None:
+        if error is not None:
+            raise error
+
+    run_on_rank(rank, outcome, what)  # raises on every rank if ``rank`` failed
+    if error is not None:  # this rank's own failure (only the writer's is shared)
+        raise error
+
+
+def share(rank: int, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` as computed on ``rank``, returned on every rank; if it raised there, every rank raises.
+
+    ``fn`` must return JSON data (dicts, lists, strings, numbers, ``None``): every rank gets the same decoded
+    value, the writer included, so no rank holds a different type or rounding. Without a process group every rank
+    computes ``fn()`` itself.
+    """
+    board = _board()
+    if board is None:
+        return json.loads(json.dumps(fn()))
+    step = board.next_step()
+    if board.rank != rank:
+        record = board.read(step, rank, what)
+        _raise_if_failed(record, rank, what)
+        return record["value"]  # type: ignore[no-any-return]
+    try:
+        with board.busy():
+            value = json.loads(json.dumps(fn()))
+    except BaseException as err:
+        board.publish(step, what, error=err)
+        raise
+    board.publish(step, what, value=value)
+    return value  # type: ignore[no-any-return]
+
+
+def _raise_if_failed(record: dict[str, Any], rank: int, what: str) -> None:
+    if record["error"] is not None:
+        raise RemoteSaveError(f"{what} failed on rank {rank}: {record['error']}")

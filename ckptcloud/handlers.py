@@ -138,8 +138,10 @@ class DiskSaver(BaseSaveHandler):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         path = self.dirname / check_filename(filename)
-        checkpoint = distributed.to_cpu(checkpoint)
-        distributed.run_on_rank(self.save_on_rank, lambda: self._write(checkpoint, path), f"saving {path}")
+        distributed.sync_xla(checkpoint)  # every rank; then only the writer copies anything to the host
+        distributed.run_on_rank(
+            self.save_on_rank, lambda: self._write(distributed.xla_to_cpu(checkpoint), path), f"saving {path}"
+        )
 
     def _write(self, checkpoint: Mapping, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """``RemoteSaver``: the one save handler for every object store, the front of the shared pipeline.
 
-rank gate -> tensors moved to CPU (every rank) -> ``torch.save`` into a ``PartWriter`` -> commit once or abort.
+XLA sync (every rank) -> rank gate -> ``torch.save`` into a ``PartWriter`` (CUDA storages reach the host one at a
+time, as ``torch.save`` reaches them) -> commit once or abort -> every rank learns the outcome.
 ``S3Saver``, ``GCSSaver`` and ``AzureBlobSaver`` are thin named constructors that pick the ``Store``.
 """
 
@@ -144,9 +145,11 @@ class RemoteSaver(BaseSaveHandler):
     # ------------------------------------------------------------------------------------ save and remove
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         key = self.key(filename)
-        checkpoint = distributed.to_cpu(checkpoint)
+        distributed.sync_xla(checkpoint)  # every rank; then only the writer copies anything to the host
         distributed.run_on_rank(
-            self.save_on_rank, lambda: self._upload(checkpoint, key, metadata), f"saving {self.url(filename)}"
+            self.save_on_rank,
+            lambda: self._upload(distributed.xla_to_cpu(checkpoint), key, metadata),
+            f"saving {self.url(filename)}",
         )
 
     def _upload(self, checkpoint: Mapping, key: str, metadata: Mapping | None) -> None:

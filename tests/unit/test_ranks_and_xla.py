@@ -97,7 +97,7 @@ def test_xla_like_tensors_are_moved_to_cpu_before_saving(monkeypatch):
 
 def test_cpu_only_checkpoint_is_not_copied():
     state = {"w": torch.ones(3), "nested": [torch.zeros(1)]}
-    assert distributed.to_cpu(state) is state
+    assert distributed.xla_to_cpu(state) is state and distributed.sync_xla(state) is False
 
 
 def test_writer_failure_propagates_on_the_writing_rank(rank):
