@@ -14,6 +14,7 @@ from ignite"):
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 import math
@@ -368,6 +369,11 @@ class Checkpoint:
             if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
                 obj = obj.module
             elif zero is not None and isinstance(obj, zero):
+                if importlib.util.find_spec("numpy") is None:  # the same answer on every rank of one install
+                    raise ImportError(
+                        "ZeroRedundancyOptimizer.consolidate_state_dict needs numpy (torch's own code converts "
+                        "the gathered state with .numpy()), and numpy is not installed: pip install numpy"
+                    )
                 obj.consolidate_state_dict(to=self.save_on_rank)
                 if rank != self.save_on_rank:
                     return {}

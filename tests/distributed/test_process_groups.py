@@ -47,14 +47,23 @@ def _saver(store: str, bucket: str, endpoint: str, **options):
     return AzureBlobSaver(bucket, "dist", connection_string=conn, api_version="2025-11-05", **options)
 
 
+# Scores each rank passes in the "divergent_scores" scenario: the writer's rank 0 decides, the others follow.
+WRITER_SCORES = [0.5, 0.7, 0.6, 0.9]
+OTHER_SCORES = [0.9, 0.1, 0.95, 0.2]
+SHORT_GROUP_TIMEOUT_S = 4
+SLOW_UPLOAD_S = 9
+
+
 def _rank_main(
     rank: int, world: int, port: int, store: str, endpoint: str, bucket: str, scenario: str, out: str
 ) -> None:
     """One rank: join the group, run the scenario, write what it saw to ``out/rank{N}.json``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import warnings
     from datetime import timedelta
 
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    timeout = SHORT_GROUP_TIMEOUT_S if scenario == "slow_upload" else 60
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     result: dict = {"rank": rank}
     try:
         from ckptcloud import Checkpoint, RemoteSaveError
@@ -73,20 +82,46 @@ def _rank_main(
             model(torch.randn(4, 8)).sum().backward()
             optimizer.step()
             to_save = {"model": model, "optimizer": optimizer}
-        saver = _saver(store, bucket, endpoint, save_on_rank=writer, retry=NO_RETRY)
+        saver = _saver(store, bucket, endpoint, save_on_rank=writer, retry=NO_RETRY, require_empty=False)
         if scenario == "writer_fails" and rank == writer:
             S3Store.put = lambda *a, **k: (_ for _ in ()).throw(PermissionError("bucket policy says no"))  # type: ignore[method-assign]
-        ckpt = Checkpoint(to_save, saver, n_saved=2, save_on_rank=writer)
-        steps = 2 if scenario == "ddp_zero" else 4
+        if scenario == "slow_upload" and rank == writer:
+            put = S3Store.put
+
+            def slow_put(*args, **kwargs):
+                time.sleep(SLOW_UPLOAD_S)  # longer than the process group's timeout
+                return put(*args, **kwargs)
+
+            S3Store.put = slow_put  # type: ignore[method-assign]
+        if scenario == "resume_listing_fails":
+            if rank == writer:
+                S3Store.list = lambda *a, **k: (_ for _ in ()).throw(PermissionError("listing denied"))  # type: ignore[method-assign]
+            start = time.perf_counter()
+            try:
+                Checkpoint(to_save, saver, n_saved=2, resume=True)
+            except (PermissionError, RemoteSaveError) as err:
+                result["errors"] = [f"{type(err).__name__}: {err}"]
+                result["seconds_to_raise"] = [time.perf_counter() - start]
+            dist.barrier()  # the group still works: no rank is stuck in a collective
+            return
+        score_name = "acc" if scenario == "divergent_scores" else None
+        ckpt = Checkpoint(to_save, saver, n_saved=2, save_on_rank=writer, score_name=score_name)
+        steps = {"ddp_zero": 2, "slow_upload": 1}.get(scenario, 4)
+        scores = WRITER_SCORES if rank == writer else OTHER_SCORES
         for step in range(1, steps + 1):
             start = time.perf_counter()
             try:
-                ckpt.save(global_step=step)
-            except (PermissionError, RemoteSaveError) as err:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    score = scores[step - 1] if score_name else None
+                    ckpt.save(global_step=step, score=score)
+                result.setdefault("warnings", []).extend(str(w.message) for w in caught)
+            except (PermissionError, RemoteSaveError, ImportError) as err:
                 result.setdefault("errors", []).append(f"{type(err).__name__}: {err}")
                 result.setdefault("seconds_to_raise", []).append(time.perf_counter() - start)
+            result.setdefault("seconds_per_save", []).append(time.perf_counter() - start)
         result["kept"] = ckpt.state_dict()["_saved"]
-        if scenario == "ddp_zero" and rank == writer:
+        if scenario == "ddp_zero" and rank == writer and "errors" not in result:
             stored = saver.load(ckpt.last_checkpoint)
             result["model_keys"] = sorted(stored["model"])
             result["optimizer_state_entries"] = len(stored["optimizer"]["state"])
@@ -94,8 +129,15 @@ def _rank_main(
     except BaseException:
         result["crash"] = traceback.format_exc()
     finally:
+        result["numpy_importable"] = _numpy_importable()
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         dist.destroy_process_group()
+
+
+def _numpy_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("numpy") is not None
 
 
 def run_ranks(
@@ -122,6 +164,8 @@ def run_ranks(
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for result in results:
         assert "crash" not in result, result["crash"]
+    if os.environ.get("CKPTCLOUD_MINIMAL_INSTALL"):  # the minimal-install stage proves it ran without numpy
+        assert not any(r["numpy_importable"] for r in results), "numpy is installed in the minimal-install stage"
     return results, requests
 
 
@@ -167,6 +211,10 @@ def test_a_failed_upload_raises_on_every_rank_and_loses_nothing(s3_endpoint, s3_
 
 def test_ddp_is_unwrapped_and_zero_optimizer_state_is_consolidated(s3_endpoint, s3_bucket, tmp_path):
     results, _ = run_ranks(2, "ddp_zero", s3_endpoint.url, s3_bucket, tmp_path)
+    if os.environ.get("CKPTCLOUD_MINIMAL_INSTALL"):  # torch's ZeRO consolidation itself calls .numpy()
+        for result in results:
+            assert len(result["errors"]) == 2 and all("needs numpy" in e for e in result["errors"]), result
+        return
     writer = results[0]
     assert writer["model_keys"] == ["bias", "weight"]  # no "module." prefix
     assert writer["optimizer_state_entries"] == 2  # both parameters' Adam state, gathered from both ranks
@@ -184,3 +232,36 @@ def test_azure_saver_in_a_process_group(azure_endpoint, azure_container, tmp_pat
     results, requests = run_ranks(2, "plain", endpoint, azure_container, tmp_path, store="azure")
     assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
     assert results[0]["kept"] == results[1]["kept"] == [[3, "model_3.pt"], [4, "model_4.pt"]]
+
+
+def test_a_save_longer_than_the_process_group_timeout_succeeds_on_every_rank(s3_endpoint, s3_bucket, tmp_path):
+    results, requests = run_ranks(2, "slow_upload", s3_endpoint.url, s3_bucket, tmp_path)
+    assert len(uploads(requests)) == 1
+    for result in results:
+        assert "errors" not in result, result
+        assert result["kept"] == [[1, "model_1.pt"]]
+        assert result["seconds_per_save"][0] > SHORT_GROUP_TIMEOUT_S  # and the barrier after it still worked
+    took = results[1]["seconds_per_save"][0]
+    print(f"\n[distributed] a {took:.1f} s save under a {SHORT_GROUP_TIMEOUT_S} s group timeout")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_with_different_scores_follow_the_writer_with_a_warning(world, s3_endpoint, s3_bucket, tmp_path):
+    results, requests = run_ranks(world, "divergent_scores", s3_endpoint.url, s3_bucket, tmp_path)
+    kept = [[0.7, "model_2_acc=0.7000.pt"], [0.9, "model_4_acc=0.9000.pt"]]  # what the writer's scores keep
+    assert [r["kept"] for r in results] == [kept] * world
+    assert len(uploads(requests)) == 4 and len(deletes(requests)) == 2
+    assert results[0].get("warnings", []) == []
+    for follower in results[1:]:
+        assert "errors" not in follower
+        assert follower["warnings"] and all("follows rank 0" in w for w in follower["warnings"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_failed_listing_in_resume_raises_on_every_rank(world, s3_endpoint, s3_bucket, tmp_path):
+    results, _ = run_ranks(world, "resume_listing_fails", s3_endpoint.url, s3_bucket, tmp_path)
+    assert results[0]["errors"] == ["PermissionError: listing denied"]
+    for follower in results[1:]:
+        assert len(follower["errors"]) == 1 and follower["errors"][0].startswith("RemoteSaveError")
+        assert "listing denied" in follower["errors"][0] and "rank 0" in follower["errors"][0]
+    assert max(r["seconds_to_raise"][0] for r in results) < 10

@@ -184,3 +184,34 @@ def test_interpreter_exit_finishes_a_pending_save_or_says_loudly_it_failed(tmp_p
     else:
         assert not marker.exists()
         assert "ckptcloud: saving m_7.pt FAILED at interpreter exit: network gone" in out.stderr
+
+
+def test_the_exit_hook_waits_on_no_other_rank(monkeypatch, capsys):
+    """At exit other ranks may be gone: a follower finishes its pending save on its own, reading no record."""
+    import torch.distributed as dist
+
+    from ckptcloud import background
+    from ckptcloud.coordination import Board
+
+    store = dist.HashStore()
+    writer, follower = Board(store, 0, 2, timeout=0.2), Board(store, 1, 2, timeout=0.2)
+
+    def board(*, local_only_applies: bool = True):
+        return None if local_only_applies and getattr(distributed._local, "only", False) else follower
+
+    monkeypatch.setattr(distributed, "_board", board)
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    memory = MemoryStore("bucket")
+    ckpt = Checkpoint(
+        {"model": torch.nn.Linear(2, 2)}, RemoteSaver(memory, "run", save_on_rank=0), n_saved=1, async_save=True
+    )
+    # What the writer published before it exited: save 1's decision and outcome, then save 2's decision.
+    writer.publish(writer.next_step(), "deciding", value={"filename": "model_1.pt", "priority": 1})
+    writer.publish(writer.next_step(), "saving")
+    writer.publish(writer.next_step(), "deciding", value={"filename": "model_2.pt", "priority": 2})
+    ckpt.save(global_step=1)
+    ckpt.save(global_step=2)
+    background._finish_all_at_exit()  # what the interpreter runs at exit
+    assert "FAILED" not in capsys.readouterr().err  # it did not wait for the writer's outcome or evictions
+    assert ckpt.state_dict() == {"_saved": [(2, "model_2.pt")]}
+    assert memory.objects == {}

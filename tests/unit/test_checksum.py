@@ -38,9 +38,10 @@ def test_slices_and_extension_chain_like_one_pass():
 
 
 def test_multi_byte_items_are_checksummed_as_their_bytes():
-    tensor = torch.randn(1000)
-    view = memoryview(tensor.numpy())  # float32 items, format "f"
-    assert checksum.crc32c(view) == reference(tensor.numpy().tobytes())
+    floats = array.array("f", torch.randn(1000).tolist())
+    view = memoryview(floats)  # float32 items, format "f"
+    assert view.format == "f" and view.itemsize == 4
+    assert checksum.crc32c(view) == reference(floats.tobytes())
     ints = array.array("q", range(100))
     assert checksum.crc32c(ints) == reference(ints.tobytes())
 
