@@ -93,7 +93,7 @@ def xla_to_cpu(obj: Any) -> Any:
 
 # -------------------------------------------------------------------------------------------- coordination
 _local = threading.local()
-_boards: dict[int, Board] = {}
+_cached_board: tuple[Any, Board] | None = None  # (the default process group, its board)
 
 
 @contextlib.contextmanager
@@ -119,13 +119,14 @@ def _board(*, local_only_applies: bool = True) -> Board | None:
     if world < 2:
         return None
     group = dist.distributed_c10d._get_default_group()
-    board = _boards.get(id(group))
-    if board is None:
-        store = dist.distributed_c10d._get_default_store()
-        timeout = getattr(store, "timeout", None)
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else 1800.0
-        _boards.clear()  # a new process group: the old board's steps and store are gone
-        board = _boards[id(group)] = Board(dist.PrefixStore("ckptcloud", store), dist.get_rank(), world, seconds)
+    global _cached_board
+    if _cached_board is not None and _cached_board[0] is group:  # held, so a new group cannot reuse its identity
+        return _cached_board[1]
+    store = dist.distributed_c10d._get_default_store()
+    timeout = getattr(store, "timeout", None)
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else 1800.0
+    board = Board(dist.PrefixStore("ckptcloud", store), dist.get_rank(), world, seconds)
+    _cached_board = (group, board)  # a new process group starts a new board: new store, steps from 1
     return board
 
 
