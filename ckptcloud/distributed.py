@@ -16,6 +16,7 @@ import contextlib
 import json
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -93,7 +94,7 @@ def xla_to_cpu(obj: Any) -> Any:
 
 # -------------------------------------------------------------------------------------------- coordination
 _local = threading.local()
-_cached_board: tuple[Any, Board] | None = None  # (the default process group, its board)
+_cached_board: tuple[Any, Board | None] | None = None  # (the default process group, its board)
 
 
 @contextlib.contextmanager
@@ -122,7 +123,19 @@ def _board(*, local_only_applies: bool = True) -> Board | None:
     global _cached_board
     if _cached_board is not None and _cached_board[0] is group:  # held, so a new group cannot reuse its identity
         return _cached_board[1]
-    store = dist.distributed_c10d._get_default_store()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # no store (the MPI backend): nothing to agree through
+        store = None
+    if store is None:
+        warnings.warn(
+            "ckptcloud: this process group has no key-value store (MPI backend?), so ranks cannot agree on "
+            "checkpoint decisions: each rank acts on its own and a failed upload raises on the writing rank only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        _cached_board = (group, None)
+        return None
     timeout = getattr(store, "timeout", None)
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else 1800.0
     board = Board(dist.PrefixStore("ckptcloud", store), dist.get_rank(), world, seconds)
