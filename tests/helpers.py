@@ -69,3 +69,38 @@ def stored_bytes(obj) -> bytes:
     buf = io.BytesIO()
     serialization.save(obj, buf)
     return buf.getvalue()
+
+
+class DeviceLikeTensor(torch.Tensor):
+    """A CPU tensor that says it lives on ``{device_type}:0`` and counts its copies to the host.
+
+    Subclasses stand in for XLA or CUDA tensors on a machine without them: ``copies`` counts ``cpu()`` and
+    ``to()`` calls.
+    """
+
+    device_type = "cpu"
+    copies = 0
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor) -> torch.Tensor:
+        return torch.Tensor._make_subclass(cls, data)
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device(self.device_type, 0)
+
+    def cpu(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        type(self).copies += 1
+        return self.as_subclass(torch.Tensor).clone()
+
+    def to(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
+        type(self).copies += 1
+        return self.as_subclass(torch.Tensor).clone()
+
+
+class XlaLikeTensor(DeviceLikeTensor):
+    device_type = "xla"
+
+
+class CudaLikeTensor(DeviceLikeTensor):
+    device_type = "cuda"

@@ -16,28 +16,7 @@ from ckptcloud.remote import RemoteSaver
 from ckptcloud.snapshot import snapshot
 from ckptcloud.stores.base import MiB
 from ckptcloud.stores.memory import MemoryStore
-
-
-class CudaLikeTensor(torch.Tensor):
-    """A CPU tensor that says it lives on ``cuda:0`` and counts copies to the host."""
-
-    copies = 0
-
-    @staticmethod
-    def __new__(cls, data: torch.Tensor) -> CudaLikeTensor:
-        return torch.Tensor._make_subclass(cls, data)
-
-    @property
-    def device(self) -> torch.device:  # type: ignore[override]
-        return torch.device("cuda", 0)
-
-    def cpu(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
-        type(self).copies += 1
-        return self.as_subclass(torch.Tensor).clone()
-
-    def to(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[override]
-        type(self).copies += 1
-        return self.as_subclass(torch.Tensor).clone()
+from tests.helpers import CudaLikeTensor
 
 
 class DeviceState:

@@ -17,24 +17,7 @@ from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import NO_RETRY
 from ckptcloud.stores.base import MiB
 from ckptcloud.stores.memory import MemoryStore
-
-
-class XlaLikeTensor(torch.Tensor):
-    """A CPU tensor that says it lives on ``xla:0`` and counts moves to the CPU."""
-
-    moves = 0
-
-    @staticmethod
-    def __new__(cls, data: torch.Tensor) -> XlaLikeTensor:
-        return torch.Tensor._make_subclass(cls, data)
-
-    @property
-    def device(self) -> torch.device:  # type: ignore[override]
-        return torch.device("xla", 0)
-
-    def cpu(self) -> torch.Tensor:  # type: ignore[override]
-        type(self).moves += 1
-        return self.as_subclass(torch.Tensor).clone()
+from tests.helpers import XlaLikeTensor
 
 
 @pytest.fixture
@@ -83,12 +66,12 @@ def test_xla_like_tensors_are_moved_to_cpu_before_saving(monkeypatch):
     fake_xla = types.ModuleType("torch_xla")
     fake_xla.sync = lambda: synced.append(True)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torch_xla", fake_xla)
-    XlaLikeTensor.moves = 0
+    XlaLikeTensor.copies = 0
     store = MemoryStore("bucket")
     saver = RemoteSaver(store, part_size=5 * MiB)
     weight = XlaLikeTensor(torch.arange(6.0))
     saver({"model": {"w": weight, "b": torch.zeros(1)}, "step": 4}, "x.pt")
-    assert XlaLikeTensor.moves == 1 and synced == [True]
+    assert XlaLikeTensor.copies == 1 and synced == [True]
     back = saver.load("x.pt")
     assert type(back["model"]["w"]) is torch.Tensor
     assert back["model"]["w"].device.type == "cpu"
