@@ -19,7 +19,6 @@ import inspect
 import logging
 import math
 import numbers
-import operator
 import sys
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from ckptcloud import distributed
+from ckptcloud._resume import as_priority, pattern_regex, priority_from
 from ckptcloud._tree import tree_apply2, tree_leaves, tree_map
 from ckptcloud.background import BackgroundWriter
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler
@@ -110,6 +110,18 @@ class Checkpoint:
             )
         if global_step_transform is not None and not callable(global_step_transform):
             raise TypeError(f"global_step_transform should be a function, got {type(global_step_transform)} instead.")
+        for argument, value in (("filename_prefix", filename_prefix), ("score_name", score_name)):
+            if isinstance(value, str) and "/" in value:
+                raise ValueError(
+                    f"Argument `{argument}` should not contain '/': it becomes part of every filename, and a '/' "
+                    f"would put each checkpoint in a folder of its own, where resume, `ckptcloud ls` and retention "
+                    f"cannot see it. Given {value!r}; use e.g. {value.replace('/', '_')!r}"
+                    + (
+                        f" (with score_function=Checkpoint.get_default_score_fn({value!r}) to read that metric)"
+                        if argument == "score_name"
+                        else ""
+                    )
+                )
         if n_saved is not None and (isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1):
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}")
 
@@ -257,7 +269,7 @@ class Checkpoint:
     def _plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
         """This rank's decision: ``{"filename", "priority"}`` of the checkpoint to save, or ``None`` to skip it."""
         raw_priority, global_step, with_score = inputs()
-        priority = _as_number(raw_priority)
+        priority = as_priority(raw_priority)
         if _is_non_finite(priority):
             if not self._warned_nan:
                 warnings.warn(
@@ -285,6 +297,17 @@ class Checkpoint:
             score=priority_str if with_score else None,
             global_step=global_step,
         )
+        same_name = next((item for item in self._saved if item.filename == filename), None)
+        if same_name is not None and priority < same_name.priority:
+            # e.g. scores 0.95004 then 0.94996 with a score-only name: both are "..._0.9500.pt"
+            warnings.warn(
+                f"not saving {filename}: it would overwrite the kept checkpoint of that name, whose priority "
+                f"{same_name.priority!r} is better than {priority!r} (put {{global_step}} in the filename to keep "
+                "both)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return None
         return {"filename": filename, "priority": priority}
 
     def _agree_on_plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
@@ -457,17 +480,18 @@ class Checkpoint:
     def _matching_items(self, stored: Mapping[str, ObjectInfo]) -> list[Checkpoint.Item]:
         from urllib.parse import unquote
 
-        from ckptcloud._resume import pattern_regex, priority_from
-
         name, basename = self._name(), self._basename()
-        by_score = self.score_function is not None
         if self.filename_pattern:
             patterns = [self.filename_pattern]
-        else:
+        else:  # what _plan can produce: with or without a step; a score when ranked by one or given to save()
+            by_score = self.score_function is not None
             patterns = [
-                self.setup_filename_pattern(len(self.filename_prefix) > 0, by_score, self.score_name is not None, step)
+                self.setup_filename_pattern(
+                    len(self.filename_prefix) > 0, with_score, self.score_name is not None, step
+                )
+                for with_score in ((True,) if by_score else (False, True))
                 for step in (True, False)
-                if step or by_score
+                if step or with_score
             ]
         known = {"filename_prefix": self.filename_prefix, "ext": self.ext, "name": name, "score_name": self.score_name}
         regexes = [pattern_regex(pattern, known) for pattern in patterns]
@@ -479,7 +503,7 @@ class Checkpoint:
                 continue
             if "ckptcloud_basename" in metadata and unquote(metadata["ckptcloud_basename"]) != basename:
                 continue
-            priority = priority_from(metadata, match, by_score)
+            priority = priority_from(metadata, match)
             if priority is None or _is_non_finite(priority):
                 continue
             items.append(Checkpoint.Item(priority, filename))
@@ -592,15 +616,6 @@ def _is_non_finite(value: Any) -> bool:
         return isinstance(value, numbers.Real) and not math.isfinite(value)
     except (TypeError, ValueError, OverflowError):
         return False
-
-
-def _as_number(value: Any) -> int | float:
-    """A score or step as a plain ``int`` or ``float`` (NumPy and torch scalars included), the same on every rank."""
-    if isinstance(value, numbers.Integral):
-        return operator.index(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    raise ValueError(f"A checkpoint's score or step should be a real number, but given {value!r}")
 
 
 def _describe_plan(plan: dict[str, Any] | Exception | None) -> str:

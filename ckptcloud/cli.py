@@ -24,6 +24,7 @@ from urllib.parse import unquote
 import torch
 
 from ckptcloud import serialization
+from ckptcloud._resume import parse_priority
 from ckptcloud._tree import tree_leaves
 from ckptcloud.errors import CkptcloudError, IntegrityError
 from ckptcloud.handlers import DiskSaver, check_filename
@@ -175,12 +176,12 @@ def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:
             step = None if _INT.fullmatch(prev) else int(last)  # two trailing integers: ambiguous, left blank
         elif (score := _number(last)) is not None and _INT.fullmatch(prev):
             step = int(prev)
-    raw = unquote(meta.get("ckptcloud_priority", ""))
-    if (value := _number(raw)) is not None:  # the priority is the score when there is one, else the step
-        if "ckptcloud_score_name" in meta or score is not None or not _INT.fullmatch(raw):
-            score = value
+    value = parse_priority(meta.get("ckptcloud_priority"))
+    if value is not None and math.isfinite(value):  # the priority is the score when there is one, else the step
+        if "ckptcloud_score_name" in meta or score is not None or not isinstance(value, int):
+            score = float(value)
         else:
-            step = int(raw)
+            step = value
     return step, score
 
 

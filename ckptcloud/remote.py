@@ -16,6 +16,7 @@ from urllib.parse import quote
 import torch
 
 from ckptcloud import distributed, serialization
+from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
 from ckptcloud.handlers import BaseSaveHandler, check_filename
 from ckptcloud.retry import Retry
@@ -260,7 +261,7 @@ def _object_metadata(metadata: Mapping | None) -> dict[str, str]:
     if not metadata:
         return {}
     fields = {
-        "ckptcloud_priority": repr(metadata.get("priority")),
+        "ckptcloud_priority": None if metadata.get("priority") is None else format_priority(metadata["priority"]),
         "ckptcloud_score_name": metadata.get("score_name"),
         "ckptcloud_basename": metadata.get("basename"),
     }
