@@ -6,6 +6,7 @@ writes. ``remove(filename)`` deletes a stored checkpoint; removing one that is a
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
@@ -19,6 +20,8 @@ from typing import Any
 from ckptcloud import distributed, serialization
 from ckptcloud._ignite import register_with_ignite
 from ckptcloud.stores.base import ObjectInfo
+
+logger = logging.getLogger("ckptcloud")
 
 
 class BaseSaveHandler(ABC):
@@ -80,6 +83,16 @@ def check_filename(filename: Any) -> str:
             f"backslashes or control characters, but given {filename!r}"
         )
     return filename
+
+
+def is_valid_name(filename: str) -> bool:
+    """Whether :func:`check_filename` accepts ``filename``; listings skip other names (someone else's objects)."""
+    try:
+        check_filename(filename)
+    except ValueError:
+        logger.debug("skipping %r: not a name ckptcloud writes", filename)
+        return False
+    return True
 
 
 class DiskSaver(BaseSaveHandler):
@@ -176,13 +189,14 @@ class DiskSaver(BaseSaveHandler):
 
     def list(self) -> list[str]:
         """Names of the ``*.pt`` checkpoints in the folder, sorted."""
-        return sorted(p.name for p in self.dirname.glob("*.pt") if p.is_file())
+        return sorted(p.name for p in self.dirname.glob("*.pt") if p.is_file() and is_valid_name(p.name))
 
-    def cleanup_incomplete(self, older_than: float = 0.0) -> list[str]:
+    def cleanup_incomplete(self, older_than: float = 3600.0) -> list[str]:
         """Delete temporary files a killed process left (``.NAME.*.tmp``); returns their names.
 
         Args:
-            older_than: only files last written at least this many seconds ago.
+            older_than: only files last written at least this many seconds ago (default one hour, so that running
+                saves of other processes are left alone).
         """
         if distributed.get_rank() != self.save_on_rank:
             return []

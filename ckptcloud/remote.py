@@ -18,7 +18,7 @@ import torch
 from ckptcloud import distributed, serialization
 from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
-from ckptcloud.handlers import BaseSaveHandler, check_filename
+from ckptcloud.handlers import BaseSaveHandler, check_filename, is_valid_name
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, ObjectInfo, Store
 from ckptcloud.streaming import PartWriter, Progress, choose_part_size, download_to_file
@@ -193,7 +193,7 @@ class RemoteSaver(BaseSaveHandler):
     def _checkpoints(self) -> dict[str, ObjectInfo]:
         listed = self.retry.call(lambda: self.store.list(self._base), f"listing {self.url('')}")
         infos = ((info.key[len(self._base) :], info) for info in listed)
-        return {name: info for name, info in infos if name.endswith(".pt") and "/" not in name}
+        return {name: info for name, info in infos if name.endswith(".pt") and "/" not in name and is_valid_name(name)}
 
     def describe(self) -> dict[str, ObjectInfo]:
         """Each ``*.pt`` checkpoint directly under the prefix: size, time and the metadata saved with it.
@@ -209,12 +209,12 @@ class RemoteSaver(BaseSaveHandler):
             out[name] = info
         return out
 
-    def cleanup_incomplete(self, older_than: float = 0.0) -> list[str]:
+    def cleanup_incomplete(self, older_than: float = 3600.0) -> list[str]:
         """Discard uploads under the prefix that a killed process left incomplete; returns what was discarded.
 
         Args:
-            older_than: only uploads started at least this many seconds ago (leave running saves alone: pass
-                more than your longest save when other processes may be saving to the same prefix).
+            older_than: only uploads started at least this many seconds ago (default one hour, so that running
+                saves of other processes are left alone: pass more than your longest save).
         """
         if distributed.get_rank() != self.save_on_rank:
             return []

@@ -377,7 +377,7 @@ def cleanup_incomplete(saver: RemoteSaver) -> str:
     """Call ``RemoteSaver.cleanup_incomplete()`` where the library has it; say which."""
     if not hasattr(saver, "cleanup_incomplete"):
         return "missing"
-    saver.cleanup_incomplete()
+    saver.cleanup_incomplete(older_than=0)
     return "called"
 
 

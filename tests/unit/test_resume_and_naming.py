@@ -91,3 +91,27 @@ def test_a_worse_score_never_overwrites_a_kept_checkpoint_of_the_same_name():
     assert ckpt.state_dict()["_saved"][-1] == (0.95004, "model_acc=0.9500.pt")
     assert ckpt.save_handler.load("model_acc=0.9500.pt")["weight"].min().item() != -1.0
     assert ckpt.save(score=0.950045) == "model_acc=0.9500.pt"  # a better one still replaces it
+
+
+def test_a_foreign_object_whose_name_ckptcloud_would_never_write_does_not_break_resume_or_listing(tmp_path):
+    store, model = MemoryStore("b"), torch.nn.Linear(2, 2)
+    ckpt = Checkpoint({"model": model}, saver(store), n_saved=2)
+    for step in (1, 2, 3):
+        ckpt.save(global_step=step)
+    store.put("run/old\\model_0.pt", memoryview(b"someone else's"), {})  # e.g. uploaded from Windows
+    store.put("run/\x1b[31mmodel_9.pt", memoryview(b"x"), {})
+    again = Checkpoint({"model": model}, saver(store), n_saved=2, resume=True)
+    assert again.state_dict() == {"_saved": [(2, "model_2.pt"), (3, "model_3.pt")]}
+    assert again.save_handler.list() == ["model_2.pt", "model_3.pt"]
+    assert "run/old\\model_0.pt" in store.objects  # never touched
+    (tmp_path / "old\\model_0.pt").write_bytes(b"x")
+    assert DiskSaver(tmp_path, require_empty=False).list() == []
+
+
+def test_cleanup_incomplete_leaves_other_jobs_running_uploads_alone_by_default():
+    store = MemoryStore("b")
+    running = store.begin("run/model_7.pt", {})  # another job's save, just started
+    remote = saver(store)
+    assert remote.cleanup_incomplete() == []
+    assert running in store.uploads
+    assert remote.cleanup_incomplete(older_than=0) == ["run/model_7.pt"]
