@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ckptcloud import serialization
 from ckptcloud.handlers import DiskSaver, check_filename
@@ -22,25 +22,32 @@ _SCHEMES: dict[str, tuple[str, str, str, str]] = {
 
 
 def split_url(url: str) -> tuple[str, str, str]:
-    """Split ``scheme://bucket/some/prefix`` into ``(scheme, bucket, "some/prefix")``.
+    """Split ``scheme://bucket/some/prefix`` into ``(scheme, bucket, "some/prefix")``; the key part is kept
+    verbatim (``#`` and ``?`` included) for cloud URLs, and percent-decoded for ``file://``.
+
+    Example:
+        >>> split_url("s3://bkt/runs/exp#1?lr=0.1")
+        ('s3', 'bkt', 'runs/exp#1?lr=0.1')
 
     Raises:
         ValueError: no scheme, an unknown scheme, or no bucket.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ValueError(f"Argument `url` should look like 's3://bucket/prefix', but given {url!r}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    # Split by hand: '#' and '?' are legal in object keys, and urlsplit would drop what follows them.
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    netloc, slash, path = rest.partition("/")
     if scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        if netloc not in ("", "localhost") or not slash:
             raise ValueError(f"file:// URLs need an absolute path, e.g. 'file:///abs/dir', but given {url!r}")
-        return scheme, "", unquote(parts.path)
+        return scheme, "", unquote("/" + path)  # Path.as_uri() percent-encodes; a raw '#' or '?' stays as is
     if scheme not in _SCHEMES:
         known = ", ".join(f"{s}://" for s in [*sorted(_SCHEMES), "file"])
         raise ValueError(f"Unknown URL scheme {scheme + '://'!r} in {url!r}; supported: {known}")
-    if not parts.netloc:
+    if not netloc:
         raise ValueError(f"Argument `url` has no bucket: expected '{scheme}://bucket/prefix', given {url!r}")
-    return scheme, parts.netloc, parts.path.strip("/")
+    return scheme, netloc, path.strip("/")
 
 
 def _saver_class(scheme: str) -> Any:

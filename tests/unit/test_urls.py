@@ -64,3 +64,20 @@ def test_importing_ckptcloud_imports_no_cloud_sdk_and_no_ignite():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "url, prefix",
+    [("s3://b/runs/exp#1", "runs/exp#1"), ("gs://b/exp?lr=0.1/", "exp?lr=0.1"), ("az://c/a#b?c/d", "a#b?c/d")],
+)
+def test_hash_and_question_mark_stay_in_the_prefix_so_two_runs_never_share_one(url, prefix):
+    assert split_url(url)[2] == prefix
+
+
+def test_a_file_url_with_hash_or_question_mark_loads_back(tmp_path):
+    from ckptcloud import load_checkpoint
+
+    disk = DiskSaver(tmp_path / "exp#1")
+    disk({"w": torch.ones(2)}, "model?best.pt")
+    for url in (disk.url("model?best.pt"), f"file://{disk.dirname}/model?best.pt"):  # encoded, and as typed
+        assert torch.equal(load_checkpoint(url)["w"], torch.ones(2))
