@@ -181,10 +181,16 @@ class DiskSaver(BaseSaveHandler):
     def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
         """Load the checkpoint stored under ``filename`` (``torch.load`` with ``weights_only=True`` by default).
 
-        ``mmap=True`` maps the tensors onto the file instead of reading them into new memory (safe with
-        retention: files are replaced by rename and removed by unlink, never rewritten in place).
+        ``mmap=True`` maps the tensors onto the file instead of reading them into new memory. That is safe only
+        because files are replaced by rename and removed by unlink, never rewritten in place, so it is refused for
+        ``DiskSaver(atomic=False)``, which rewrites files in place.
         """
         path = self.dirname / check_filename(filename)
+        if mmap and not self._atomic:
+            raise ValueError(
+                "Argument `mmap=True` cannot be used with DiskSaver(atomic=False): that saver rewrites files in "
+                "place, which would change (or crash, SIGBUS) tensors mapped from them. Pass mmap=False"
+            )
         return serialization.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
     def list(self) -> list[str]:

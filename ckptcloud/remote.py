@@ -29,7 +29,22 @@ MAX_CONCURRENCY_LIMIT = 64
 
 
 def _estimate_nbytes(obj: Any) -> int:
-    return sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+    """The bytes ``torch.save`` will write for the tensors of ``obj``: each storage once, and whole.
+
+    ``torch.save`` stores the whole storage of a view and shares one storage between tensors (tied weights), so
+    summing the tensors' own sizes would under- or over-count.
+    """
+    storages: dict[int, int] = {}
+    other = 0
+    for t in tree_leaves(obj):
+        if not isinstance(t, torch.Tensor):
+            continue
+        try:
+            storage = t.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):  # no plain storage (XLA, sparse, ...)
+            other += t.nbytes
+    return sum(storages.values()) + other
 
 
 def check_bucket_name(name: Any, argument: str = "bucket") -> str:
@@ -170,11 +185,15 @@ class RemoteSaver(BaseSaveHandler):
             serialization.save(checkpoint, writer, **self.kwargs)
             writer.commit()
         except BaseException as err:
-            writer.abort()
+            writer.abort()  # a Ctrl-C while it waits comes out of here, after the upload was discarded
             cause = writer.failure
-            if cause is not None and cause is not err:
-                raise cause from None  # torch.save masks exceptions raised inside write()
-            raise
+            if cause is None or cause is err:
+                raise
+            if not isinstance(err, Exception):  # Ctrl-C or exit in flight: never replaced by a part's error
+                if err.__context__ is None:
+                    err.__context__ = cause  # chained: the traceback shows the part's error too
+                raise
+            raise cause from None  # torch.save masks exceptions raised inside write()
 
     def remove(self, filename: str) -> None:
         key = self.key(filename)

@@ -296,3 +296,20 @@ def test_the_library_prints_nothing_by_default_even_when_it_retries():
     out = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "saved True"
     assert "retrying" not in out.stderr and "reset" not in out.stderr
+
+
+def test_the_size_estimate_counts_each_storage_once_and_whole():
+    from ckptcloud.remote import _estimate_nbytes
+
+    big = torch.zeros(1024, 1024)  # 4 MiB
+    assert _estimate_nbytes({"tied": big, "again": big, "view": big[:1]}) == 4 * MiB  # was 8 MiB + 4 KiB
+    assert _estimate_nbytes({"row": big[0]}) == 4 * MiB  # torch.save writes the whole storage (was 4 KiB)
+
+
+def test_progress_total_matches_what_is_written_for_tied_weights():
+    calls = []
+    saver = RemoteSaver(MemoryStore("b", min_part_size=MiB), "p", part_size=MiB, progress=lambda d, t: calls.append(t))
+    big = torch.zeros(1024, 1024)
+    saver({"a": big, "b": big}, "m.pt")
+    written = len(saver.store.objects["p/m.pt"][0])
+    assert 4 * MiB <= calls[-1] <= written  # the estimate is the tensors' bytes, written adds pickle and trailer
