@@ -209,6 +209,6 @@ def test_url_is_a_file_uri_of_the_saved_file(tmp_path):
 def test_mmap_loads_are_refused_where_files_are_rewritten_in_place(tmp_path):
     saver = DiskSaver(tmp_path, atomic=False)
     saver({"w": torch.zeros(4)}, "model.pt")
-    with pytest.raises(ValueError, match="mmap=True.*atomic=False"):
+    with pytest.raises(ValueError, match=r"mmap=True.*atomic=False"):
         saver.load("model.pt", mmap=True)
     assert torch.equal(saver.load("model.pt")["w"], torch.zeros(4))
