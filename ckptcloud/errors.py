@@ -25,3 +25,12 @@ class TransientError(CkptcloudError, ConnectionError):
 
 class IntegrityError(CkptcloudError):
     """A stored checkpoint's bytes do not match the checksum recorded when it was saved; it was not unpickled."""
+
+
+class ObjectChangedError(CkptcloudError):
+    """The object was replaced (or deleted) while it was being read: its version no longer matches.
+
+    Raised by a store's ``read(..., version=...)`` when a precondition fails (HTTP 412, or a GCS generation that is
+    gone). A load restarts once from the new version; if the object changes again, the load raises this error.
+    Nothing is damaged: loading again later reads one whole version.
+    """

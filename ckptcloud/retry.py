@@ -4,15 +4,22 @@ The pipeline wraps every store request in :meth:`Retry.call`: each part, the sin
 and each download range (which resumes where it stopped). Only transient failures are retried
 (:class:`~ckptcloud.errors.TransientError` from the adapters, and builtin ``ConnectionError``/``TimeoutError``);
 missing buckets, denied access and bad arguments fail at once. The SDKs' own retries run inside each attempt.
+
+A ``cancel`` event shared with the pipeline stops a retry at once: once it is set no attempt starts and a backoff
+wait ends (``concurrent.futures.CancelledError``), so one part failing for good, or Ctrl-C, does not wait out the
+other requests' retries. Jitter comes from a private generator: retries never consume the user's seeded
+``random`` stream.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -51,6 +58,7 @@ class Retry:
     initial_backoff: float = 0.25
     max_backoff: float = 8.0
     deadline: float = 300.0
+    _jitter: random.Random = field(default_factory=random.Random, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
@@ -60,17 +68,27 @@ class Retry:
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"Argument `{name}` should be a number >= 0, but given {value!r}")
 
-    def call(self, fn: Callable[[], T], what: str) -> T:
-        """``fn()``, retried on transient failures; the last failure propagates, annotated with the attempt count."""
+    def call(self, fn: Callable[[], T], what: str, cancel: threading.Event | None = None) -> T:
+        """``fn()``, retried on transient failures; the last failure propagates, annotated with the attempt count.
+
+        Args:
+            fn: the request.
+            what: what it does, for log lines and notes.
+            cancel: when set, no further attempt starts and a backoff wait ends at once, raising
+                ``concurrent.futures.CancelledError`` (chained to the last failure, if any). A running attempt is
+                not interrupted.
+        """
         start = time.monotonic()
         attempt = 1
         while True:
+            if cancel is not None and cancel.is_set():
+                raise CancelledError(f"{what} was cancelled")
             try:
                 return fn()
             except BaseException as err:
                 if not is_transient(err):
                     raise
-                delay = random.uniform(0, min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1)))
+                delay = self._jitter.uniform(0, min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1)))
                 elapsed = time.monotonic() - start
                 if attempt >= self.max_attempts or elapsed + delay > self.deadline:
                     if hasattr(err, "add_note"):  # Python 3.11+
@@ -78,7 +96,10 @@ class Retry:
                     raise
                 logger.warning("%s failed (attempt %d of %d), retrying in %.2f s: %s",
                                what, attempt, self.max_attempts, delay, err)  # fmt: skip
-                time.sleep(delay)
+                if cancel is None:
+                    time.sleep(delay)
+                elif cancel.wait(delay):
+                    raise CancelledError(f"{what} was cancelled after {attempt} attempt(s)") from err
                 attempt += 1
 
 

@@ -11,11 +11,17 @@ of live memory). A stream that never fills a part is sent with one ``put``; othe
 with the first full part and is either completed once (``commit``) or aborted (``abort``, on any exception).
 
 Download (``download_to_file``): one streaming GET, or up to ``max_concurrency`` ranged GETs written with
-``os.pwrite`` into a file, so a load never holds a second in-memory copy of the checkpoint.
+``os.pwrite`` into a file, so a load never holds a second in-memory copy of the checkpoint. Every range, and every
+retry of one, is pinned to the version ``head()`` saw, so the file holds exactly one version of the object.
+
+Cancellation: each upload and download shares one ``threading.Event`` with its requests' retries. The first
+failure, ``abort`` or Ctrl-C sets it: queued requests never start, retries stop waiting, ranges stop at their next
+chunk, so a failure is reported at once rather than after the other requests' retries.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -23,10 +29,10 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
 
-from ckptcloud.errors import TransientError
+from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import Store, StoreLimits
 
@@ -44,12 +50,13 @@ class _Meter:
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
+        """Count ``n`` more bytes and report the total. Reports are serialized (the callback runs under the lock),
+        so ``bytes_done`` never goes backwards and the last report is the final count."""
         if self._progress is None:
             return
         with self._lock:
             self.done += n
-            done = self.done
-        self._progress(done, self.total)
+            self._progress(self.done, self.total)
 
 
 def choose_part_size(limits: StoreLimits, part_size: int, expected_size: int) -> int:
@@ -111,6 +118,7 @@ class PartWriter(io.RawIOBase):
         self._futures: list[Future[Any]] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self._cancel = threading.Event()  # set by the first part failure or abort(): the other parts stop
         self._done = False
         self.parts = 0
 
@@ -184,7 +192,9 @@ class PartWriter(io.RawIOBase):
         assert self._buf is not None
         if self._upload is None:
             self._upload = self._retry.call(
-                lambda: self._store.begin(self._key, self._metadata), f"starting the upload to {self._url}"
+                lambda: self._store.begin(self._key, self._metadata),
+                f"starting the upload to {self._url}",
+                self._cancel,
             )
             self._executor = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="ckptcloud-part")
         assert self._executor is not None
@@ -206,14 +216,17 @@ class PartWriter(io.RawIOBase):
             view = memoryview(buf)[:fill] if fill < len(buf) else memoryview(buf)
             with view:
                 token = self._retry.call(
-                    lambda: self._store.put_part(self._upload, number, view), f"part {number} of {self._url}"
+                    lambda: self._store.put_part(self._upload, number, view),
+                    f"part {number} of {self._url}",
+                    self._cancel,
                 )
             self._meter.add(fill)
             return token
         except BaseException as err:
             with self._lock:
-                if self._error is None:
+                if self._error is None and not self._cancel.is_set():  # not a part stopped by the cancel
                     self._error = err
+            self._cancel.set()  # the other parts stop retrying: this failure is reported now
             raise
         finally:
             self._pool.put(buf)
@@ -226,33 +239,49 @@ class PartWriter(io.RawIOBase):
         if self._upload is None:
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
-                self._retry.call(lambda: self._store.put(self._key, view, self._metadata), f"uploading {self._url}")
+                self._retry.call(
+                    lambda: self._store.put(self._key, view, self._metadata), f"uploading {self._url}", self._cancel
+                )
             self._meter.add(self._fill)
             self._finish()
             return
         if self._fill:
             self._submit_part()
-        tokens = [future.result() for future in self._futures]
+        wait(self._futures, return_when=FIRST_EXCEPTION)  # a failed part cancels the others: no waiting them out
         self._raise_if_failed()
-        self._retry.call(lambda: self._store.complete(self._upload, tokens), f"completing {self._url}")
+        tokens = [future.result() for future in self._futures]
+        self._retry.call(lambda: self._store.complete(self._upload, tokens), f"completing {self._url}", self._cancel)
         self._finish()
 
     def abort(self) -> None:
-        """Stop, wait for running part requests, and discard the upload. Never raises."""
+        """Cancel the parts, wait for the requests in flight, discard the upload and release the buffers.
+
+        Queued parts never start and running ones stop retrying. A failed store abort is only logged (leftovers
+        can be cleaned up later); the caller's error matters more. A ``KeyboardInterrupt`` or ``SystemExit``
+        that arrives while this waits for the running parts is re-raised, but only after the store abort was sent
+        and the buffers were released.
+        """
         if self._done:
             return
         with self._lock:
             self._done = True
-        for future in self._futures:
-            future.cancel()
+        self._cancel.set()
+        interrupted: BaseException | None = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        if self._upload is not None:
             try:
-                self._retry.call(lambda: self._store.abort(self._upload), f"aborting the upload to {self._url}")
-            except Exception as err:  # the caller's error matters more; leftovers can be cleaned up later
-                logger.warning("could not abort the upload to %s: %s", self._store.url(self._key), err)
-        self._release()
+                self._executor.shutdown(wait=True, cancel_futures=True)
+            except BaseException as err:  # Ctrl-C while a part finishes its request: still discard the upload
+                interrupted = err
+        try:
+            if self._upload is not None:
+                try:
+                    self._retry.call(lambda: self._store.abort(self._upload), f"aborting the upload to {self._url}")
+                except Exception as err:
+                    logger.warning("could not abort the upload to %s: %s", self._store.url(self._key), err)
+        finally:
+            self._release()
+        if interrupted is not None:
+            raise interrupted
 
     def _finish(self) -> None:
         self._done = True
@@ -284,38 +313,97 @@ def download_to_file(
 
     One streaming GET when the object fits in one part or ``max_concurrency == 1``; otherwise at most
     ``max_concurrency`` ranged GETs of equal size, each written at its offset with ``os.pwrite``.
+
+    Every request, retries included, is pinned to the version ``head()`` returned, so the file holds exactly one
+    version. If the object is replaced mid-load, the download starts over once from a fresh ``head()`` (progress
+    then counts from 0 again); if it is replaced again, :class:`~ckptcloud.errors.ObjectChangedError` is raised.
+    The first failure, or Ctrl-C, stops every range at its next chunk and is raised once they have all stopped.
     """
     retry = retry or Retry()
+    options: dict[str, Any] = {"part_size": part_size, "max_concurrency": max_concurrency, "retry": retry}
+    try:
+        return _download_version(store, key, file.fileno(), progress=progress, **options)
+    except ObjectChangedError:
+        logger.info("%s was replaced while it was loaded; loading the new version", store.url(key))
+    try:
+        return _download_version(store, key, file.fileno(), progress=progress, **options)
+    except ObjectChangedError as err:
+        raise ObjectChangedError(
+            f"{store.url(key)} kept changing while it was loaded (it was replaced during two loads in a row); "
+            "nothing is damaged: load it again once it is no longer being overwritten"
+        ) from err
+
+
+def _reads_versions(store: Store) -> bool:
+    """Whether ``store.read`` takes ``version`` (a store written for the older contract reads unpinned)."""
+    try:
+        params = inspect.signature(store.read).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "version" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _download_version(
+    store: Store, key: str, fd: int, *, part_size: int, max_concurrency: int, retry: Retry, progress: Progress | None
+) -> int:
+    """One download attempt of the version ``head()`` returns now (see :func:`download_to_file`)."""
     url = store.url(key)
-    size = retry.call(lambda: store.head(key), f"reading the size of {url}").size
+    info = retry.call(lambda: store.head(key), f"reading the size of {url}")
+    size = info.size
+    pin: dict[str, Any] = {"version": info.version} if info.version is not None and _reads_versions(store) else {}
     meter = _Meter(progress, size)
-    fd = file.fileno()
     os.ftruncate(fd, size)
     if size <= part_size or max_concurrency == 1:
         ranges = [(0, size)]
     else:
         step = max(part_size, math.ceil(size / max_concurrency))
         ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
+    cancel = threading.Event()
+    failures: list[BaseException] = []
+    lock = threading.Lock()
 
-    def fetch(start: int, end: int) -> int:
+    def fetch(start: int, end: int) -> None:
         offset = start
 
-        def resume() -> None:  # a retry continues from the last byte written
+        def resume() -> None:  # a retry continues from the last byte written, pinned to the same version
             nonlocal offset
-            for chunk in store.read(key, offset, end):
-                written = os.pwrite(fd, chunk, offset)
-                offset += written
-                meter.add(written)
+            chunks = store.read(key, offset, end, **pin)
+            try:
+                for chunk in chunks:
+                    if cancel.is_set():
+                        raise CancelledError(f"downloading {url} was cancelled")
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        offset += written
+                        meter.add(written)
+                        view = view[written:]
+            finally:
+                close = getattr(chunks, "close", None)  # ends the request now, also when we stop early
+                if close is not None:
+                    close()
             if offset != end:
                 raise TransientError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
 
-        retry.call(resume, f"downloading bytes {start}..{end} of {url}")
-        return end - start
+        try:
+            retry.call(resume, f"downloading bytes {start}..{end} of {url}", cancel)
+        except BaseException as err:
+            with lock:
+                if not cancel.is_set():  # the first failure; the ranges it stops fail with CancelledError
+                    failures.append(err)
+                cancel.set()
+            raise
 
     if len(ranges) == 1:
         fetch(*ranges[0])
-    else:
-        with ThreadPoolExecutor(len(ranges), thread_name_prefix="ckptcloud-get") as executor:
-            for future in [executor.submit(fetch, s, e) for s, e in ranges]:
-                future.result()
+        return size
+    executor = ThreadPoolExecutor(len(ranges), thread_name_prefix="ckptcloud-get")
+    futures = [executor.submit(fetch, start, end) for start, end in ranges]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:  # on a failure or Ctrl-C: stop every range, and let none write to the file after we return
+        cancel.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        raise failures[0]
     return size

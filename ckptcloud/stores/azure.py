@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ckptcloud.errors import TransientError
+from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
 
 # Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
@@ -60,6 +60,8 @@ class AzureBlobStore(Store):
                 raise FileNotFoundError(f"no blob at {target} ({what})") from err
             if status == 403 or isinstance(err, az.ClientAuthenticationError):
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
+            if code == "ConditionNotMet" or isinstance(err, az.ResourceModifiedError):  # If-Match: replaced
+                raise ObjectChangedError(f"{target} was replaced while it was read ({what}): its ETag changed") from err
             if status is not None and (status >= 500 or status == 429):
                 raise TransientError(f"Azure answered {code} for {target} ({what})") from err
             raise
@@ -100,17 +102,17 @@ class AzureBlobStore(Store):
     def head(self, key: str) -> ObjectInfo:
         with self._errors("reading the metadata", key):
             p = self.client.get_blob_client(key).get_blob_properties()
-        return ObjectInfo(key, int(p.size), p.last_modified.timestamp(), dict(p.metadata or {}))
+        return ObjectInfo(key, int(p.size), p.last_modified.timestamp(), dict(p.metadata or {}), p.etag)
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
         # One ranged GET per READ_CHUNK_SIZE, whatever the client's own download settings (a client passed in may
-        # fetch 32 MiB at once), all pinned to the first chunk's ETag so an overwrite mid-load fails cleanly.
+        # fetch 32 MiB at once), each pinned to ``version`` (the ETag from head()), else to the first chunk's ETag.
         from azure.core import MatchConditions
 
         blob = self.client.get_blob_client(key)
         with self._errors("downloading", key):
-            end = int(blob.get_blob_properties().size) if end is None else end
-            pin: dict[str, Any] = {}
+            pin: dict[str, Any] = {"etag": version, "match_condition": MatchConditions.IfNotModified} if version else {}
+            end = int(blob.get_blob_properties(**pin).size) if end is None else end
             for offset in range(start, end, READ_CHUNK_SIZE):
                 stream = blob.download_blob(offset, min(READ_CHUNK_SIZE, end - offset), max_concurrency=1, **pin)
                 pin = pin or {"etag": stream.properties.etag, "match_condition": MatchConditions.IfNotModified}

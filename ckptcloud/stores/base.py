@@ -28,12 +28,15 @@ class StoreLimits:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: key (relative to the bucket), size in bytes, last-modified timestamp, user metadata."""
+    """One stored object: key (relative to the bucket), size in bytes, last-modified timestamp, user metadata, and
+    ``version``: what ``read(..., version=...)`` pins a load to (S3/Azure ETag, GCS generation; ``head`` sets it,
+    listings may not)."""
 
     key: str
     size: int
     last_modified: float | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,15 @@ class Store(ABC):
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo:
-        """Size, timestamp and user metadata of the object at ``key``; ``FileNotFoundError`` if there is none."""
+        """Size, timestamp, user metadata and version of the object at ``key``; ``FileNotFoundError`` if none."""
 
     @abstractmethod
-    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Stream bytes ``[start, end)`` of ``key`` (``end=None``: to the end) as chunks."""
+    def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
+        """Stream bytes ``[start, end)`` of ``key`` (``end=None``: to the end) as chunks.
+
+        With ``version`` (from :meth:`head`), every request is conditional on it: if the object at ``key`` is no
+        longer that version, raise :class:`~ckptcloud.errors.ObjectChangedError`, never bytes of another version.
+        """
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from ckptcloud.errors import TransientError
+from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 MAX_COMPOSE_SOURCES = 32
@@ -151,7 +151,8 @@ class GCSStore(Store):
         blob = self.client.bucket(self.bucket).blob(key)
         with self._errors("reading the metadata", key):
             blob.reload(retry=None, timeout=_TIMEOUT)
-        return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), dict(blob.metadata or {}))
+        version = None if blob.generation is None else str(blob.generation)
+        return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), dict(blob.metadata or {}), version)
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
         folders: dict[str, float] = {}  # temporary folder of each upload -> when its first part was written
@@ -160,14 +161,23 @@ class GCSStore(Store):
             folders[folder] = min(folders.get(folder, info.last_modified or 0.0), info.last_modified or 0.0)
         return [IncompleteUpload(f, GCSUpload(f, f, {}), t) for f, t in sorted(folders.items())]
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
+        # ``generation=`` reads exactly that version; once it is overwritten (unversioned bucket) GCS answers 404.
+        # (fake-gcs-server ignores ifGenerationMatch on downloads, but honours generation=.)
         if end is not None and end <= start:
             return
         headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
         path = f"/download/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(key, safe='')}"
-        with self._errors("downloading", key):
-            with self._request("GET", path, params={"alt": "media"}, headers=headers, stream=True) as response:
-                yield from response.iter_content(chunk_size=1 * MiB)
+        params = {"alt": "media", **({"generation": version} if version is not None else {})}
+        try:
+            with self._errors("downloading", key):
+                with self._request("GET", path, params=params, headers=headers, stream=True) as response:
+                    yield from response.iter_content(chunk_size=1 * MiB)
+        except FileNotFoundError as err:
+            if version is None:
+                raise
+            gone = f"generation {version} is gone"
+            raise ObjectChangedError(f"{self.url(key)} was replaced while it was read ({gone})") from err
 
     def delete(self, key: str) -> None:
         from google.api_core.exceptions import NotFound

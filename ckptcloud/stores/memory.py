@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptcloud.errors import ObjectChangedError
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 
@@ -22,6 +23,9 @@ class _Upload:
 
 class MemoryStore(Store):
     """Objects in a dict. Incomplete uploads are kept (and listable) until completed or aborted, like S3.
+
+    Versions work like GCS generations: each object stored under a key (by ``put``, ``complete``, or assigning
+    ``objects[key]``) gets a new one, which ``head`` returns and ``read(..., version=...)`` checks.
 
     Example:
         >>> store = MemoryStore("bucket")
@@ -40,11 +44,22 @@ class MemoryStore(Store):
         self.objects: dict[str, tuple[bytes, dict[str, str], float]] = {}
         self.uploads: dict[str, _Upload] = {}
         self.requests: list[str] = []
+        self._versions: dict[str, tuple[bytes, str]] = {}  # key -> (the body that version names, version)
+        self._generation = 0
         self._lock = threading.Lock()
 
     def _log(self, op: str) -> None:
         with self._lock:
             self.requests.append(op)
+
+    def _version(self, key: str) -> str:
+        """The version of the object now at ``key`` (the lock is held): a new one whenever its body was replaced."""
+        body = self.objects[key][0]
+        known = self._versions.get(key)
+        if known is None or known[0] is not body:
+            self._generation += 1
+            known = self._versions[key] = (body, str(self._generation))
+        return known[1]
 
     def check_bucket(self) -> None:
         self._log("check_bucket")
@@ -53,6 +68,7 @@ class MemoryStore(Store):
         self._log("put")
         with self._lock:
             self.objects[key] = (bytes(data), dict(metadata), time.time())
+            self._version(key)
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
         self._log("begin")
@@ -76,6 +92,7 @@ class MemoryStore(Store):
                 raise ValueError(f"EntityTooSmall: part sizes {sizes}")
             body = b"".join(state.parts[n] for n in parts)
             self.objects[state.key] = (body, state.metadata, time.time())
+            self._version(state.key)
 
     def abort(self, upload: Any) -> None:
         self._log("abort")
@@ -87,13 +104,15 @@ class MemoryStore(Store):
             if key not in self.objects:
                 raise FileNotFoundError(f"no object at {self.url(key)}")
             body, meta, mtime = self.objects[key]
-            return ObjectInfo(key, len(body), mtime, dict(meta))
+            return ObjectInfo(key, len(body), mtime, dict(meta), self._version(key))
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
         self._log("read")
         with self._lock:
             if key not in self.objects:
                 raise FileNotFoundError(f"no object at {self.url(key)}")
+            if version is not None and self._version(key) != version:
+                raise ObjectChangedError(f"{self.url(key)} was replaced while it was read (version {version} is gone)")
             body = self.objects[key][0]
         yield body[start:end]
 
@@ -101,6 +120,7 @@ class MemoryStore(Store):
         self._log("delete")
         with self._lock:
             self.objects.pop(key, None)
+            self._versions.pop(key, None)
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
         with self._lock:

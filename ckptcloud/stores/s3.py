@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.checksum import crc32c_base64
-from ckptcloud.errors import TransientError
+from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
 
 _MISSING_BUCKET = {"NoSuchBucket"}
@@ -80,6 +80,8 @@ class S3Store(Store):
                 raise FileNotFoundError(f"no object at {target} ({what})") from err
             if code in _DENIED:
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
+            if code == "PreconditionFailed" or status == 412:  # If-Match: the object was replaced
+                raise ObjectChangedError(f"{target} was replaced while it was read ({what}): its ETag changed") from err
             if code in _TRANSIENT or status >= 500:
                 raise TransientError(f"S3 answered {code or status} for {target} ({what})") from err
             raise
@@ -140,12 +142,15 @@ class S3Store(Store):
     def head(self, key: str) -> ObjectInfo:
         with self._errors("reading the metadata", key):
             meta = self.client.head_object(Bucket=self.bucket, Key=key)
-        return ObjectInfo(key, int(meta["ContentLength"]), meta["LastModified"].timestamp(), meta.get("Metadata", {}))
+        modified = meta["LastModified"].timestamp()
+        return ObjectInfo(key, int(meta["ContentLength"]), modified, meta.get("Metadata", {}), meta.get("ETag"))
 
-    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if start or end is not None:
             args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        if version is not None:
+            args["IfMatch"] = version  # the ETag head() returned; 412 once the object is replaced
         with self._errors("downloading", key):
             body = self.client.get_object(**args)["Body"]
             yield from body.iter_chunks(chunk_size=1 * MiB)
