@@ -1,8 +1,9 @@
-"""Make ckptcloud's save handlers count as ignite ``BaseSaveHandler``s without importing ignite eagerly.
+"""Make ckptcloud's save handlers count as ignite's without importing ignite eagerly.
 
-Ignite's own ``Checkpoint`` only prunes save handlers that pass ``isinstance(h, ignite...BaseSaveHandler)``.
-That class is an ABC, so registering our base class as a virtual subclass is enough. Importing ignite costs
-about a second, so we register as soon as ``ignite.handlers.checkpoint`` is imported (now, if it already is).
+Ignite's own ``Checkpoint`` only prunes save handlers that pass ``isinstance(h, ignite...BaseSaveHandler)``, and
+it gives ``last_checkpoint`` as a full path and supports ``reload_objects`` only for its ``DiskSaver``. Both
+classes are ABCs, so registering ours as virtual subclasses is enough. Importing ignite costs about a second, so
+we register as soon as ``ignite.handlers.checkpoint`` is imported (now, if it already is).
 """
 
 from __future__ import annotations
@@ -15,22 +16,22 @@ from types import ModuleType
 from typing import Any
 
 _IGNITE_MODULE = "ignite.handlers.checkpoint"
+_waiting: list[tuple[type, str]] = []  # (our class, the name of ignite's class) to register when ignite loads
 
 
-def register_with_ignite(cls: type) -> None:
-    """Register ``cls`` as a virtual subclass of ignite's ``BaseSaveHandler``, now or when ignite loads."""
+def register_with_ignite(cls: type, ignite_class: str = "BaseSaveHandler") -> None:
+    """Register ``cls`` as a virtual subclass of ignite's ``ignite_class``, now or when ignite loads."""
     module = sys.modules.get(_IGNITE_MODULE)
     if module is not None:
-        module.BaseSaveHandler.register(cls)
+        getattr(module, ignite_class).register(cls)
         return
-    sys.meta_path.insert(0, _RegisterOnImport(cls))
+    if not _waiting:
+        sys.meta_path.insert(0, _RegisterOnImport())
+    _waiting.append((cls, ignite_class))
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself; wraps the real loader of ignite's checkpoint module to register afterwards."""
-
-    def __init__(self, cls: type) -> None:
-        self._cls = cls
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -42,12 +43,13 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader
-        cls = self._cls
         original_exec = loader.exec_module
 
         def exec_module(module: ModuleType) -> Any:
             original_exec(module)
-            module.BaseSaveHandler.register(cls)
+            for cls, ignite_class in _waiting:
+                getattr(module, ignite_class).register(cls)
+            _waiting.clear()
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec

@@ -58,13 +58,18 @@ def tree_apply2(func: Callable[[Any, Any], None], objects: Any, states: Any, pat
         for key, obj in objects.items():
             where = f"{path}.{key}" if path else str(key)
             if not isinstance(states, Mapping) or key not in states:
-                have = sorted(map(str, states.keys())) if isinstance(states, Mapping) else type(states).__name__
-                raise ValueError(f"Object '{where}' of `to_load` is not found in the checkpoint (it has {have})")
+                have = states.keys() if isinstance(states, Mapping) else type(states).__name__
+                raise ValueError(
+                    f"Key '{key}' from x is not found in y: {have} (object '{where}' of `to_load` is not in the "
+                    "checkpoint)"
+                )
             tree_apply2(func, obj, states[key], where)
     elif isinstance(objects, Sequence) and not isinstance(objects, (str, bytes)):
         if not isinstance(states, Sequence) or len(states) != len(objects):
+            size = len(states) if isinstance(states, Sequence) else type(states).__name__
             raise ValueError(
-                f"Object '{path}' of `to_load` has {len(objects)} entries, the checkpoint does not match it"
+                f"Size of y: {size} does not match the size of x: '{len(objects)}' (object '{path}' of `to_load` "
+                "does not match the checkpoint)"
             )
         for i, (obj, state) in enumerate(zip(objects, states, strict=True)):
             tree_apply2(func, obj, state, f"{path}[{i}]")

@@ -509,6 +509,48 @@ class Checkpoint:
             items.append(Checkpoint.Item(priority, filename))
         return sorted(items, key=lambda item: item.priority)
 
+    def reload_objects(self, to_load: Mapping, load_kwargs: dict | None = None, **filename_components: Any) -> None:
+        """Load ``to_load`` from one of this checkpoint's files, named by its filename components.
+
+        Like ignite's: ``filename_components`` are ``name``, ``score`` and ``global_step``, put into this
+        checkpoint's filename pattern; ``load_kwargs`` go to ``nn.Module.load_state_dict`` (e.g. ``strict=False``).
+        Unlike ignite's, it works with every ckptcloud saver, remote ones included, and a numeric ``score`` is
+        written as saving wrote it (``0.7`` names ``..._0.7000.pt``).
+
+        Example:
+            >>> import tempfile, torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> ckpt = Checkpoint({"model": model}, tempfile.mkdtemp(), n_saved=2)
+            >>> _ = ckpt.save(global_step=40)
+            >>> ckpt.reload_objects({"model": torch.nn.Linear(2, 1)}, global_step=40)
+        """
+        load = getattr(self.save_handler, "load", None)
+        if not callable(load):
+            raise AttributeError(
+                "Checkpoint's `save_handler` should be a saver that can load (DiskSaver, S3Saver, GCSSaver, "
+                f"AzureBlobSaver, RemoteSaver), given {type(self.save_handler)}"
+            )
+        global_step = filename_components.get("global_step")
+        score = filename_components.get("score")
+        if isinstance(score, numbers.Real) and not isinstance(score, bool):
+            score = f"{score}" if isinstance(score, numbers.Integral) else f"{score:.4f}"
+        pattern = self.filename_pattern or self.setup_filename_pattern(
+            with_prefix=len(self.filename_prefix) > 0,
+            with_score=self.score_function is not None,
+            with_score_name=self.score_name is not None,
+            with_global_step=global_step is not None,
+        )
+        filename = pattern.format(
+            filename_prefix=self.filename_prefix,
+            ext=self.ext,
+            name=filename_components.get("name", self._name()),
+            score_name=self.score_name,
+            score=score,
+            global_step=global_step,
+        )
+        checkpoint = load(filename, mmap=False)  # the tensors go on to live in the objects: no mapped file
+        Checkpoint.load_objects(to_load, checkpoint, **(load_kwargs or {}))
+
     def reset(self) -> None:
         """Forget the kept list; stored checkpoints are not deleted."""
         self._saved = []
@@ -583,9 +625,7 @@ class Checkpoint:
             >>> Checkpoint.load_objects({"model": model}, {"model": torch.nn.Linear(2, 1).state_dict()})
         """
         if not isinstance(checkpoint, (Mapping, str, Path)):
-            raise TypeError(
-                f"Argument checkpoint should be a string, a path or a dictionary, but given {type(checkpoint)}"
-            )
+            raise TypeError(f"Argument checkpoint should be a string or a dictionary, but given {type(checkpoint)}")
         if not isinstance(to_load, Mapping):
             raise TypeError(f"Argument `to_load` should be a dictionary, but given {type(to_load)}")
         Checkpoint._check_objects(to_load, "load_state_dict", "to_load")

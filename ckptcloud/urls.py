@@ -74,7 +74,11 @@ def saver_from_url(url: str, **options: Any) -> Any:
 
 
 def load_checkpoint(source: str | Path, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
-    """Load a checkpoint from a local path or a URL (``s3://bucket/key.pt``, ...)."""
+    """Load a checkpoint from a local path or a URL (``s3://bucket/key.pt``, ...).
+
+    The tensors are copied into ordinary memory (no ``mmap``): they usually go on to live in a model or an
+    optimizer for the rest of the run, which would otherwise keep the temporary download mapped as long.
+    """
     if isinstance(source, str) and "://" in source:
         scheme, bucket, key = split_url(source)
         if scheme == "file":
@@ -82,5 +86,7 @@ def load_checkpoint(source: str | Path, *, map_location: Any = "cpu", weights_on
         else:
             folder, _, filename = key.rpartition("/")
             saver = _saver_class(scheme)(bucket, folder, require_empty=False)
-            return saver.load(check_filename(filename), map_location=map_location, weights_only=weights_only)
+            return saver.load(
+                check_filename(filename), map_location=map_location, weights_only=weights_only, mmap=False
+            )
     return serialization.load(source, map_location=map_location, weights_only=weights_only)

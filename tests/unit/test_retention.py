@@ -812,7 +812,7 @@ def test_load_objects_restores_nested_objects():
 
 @pytest.mark.parametrize("checkpoint", [42, [{"weight": 1}], None])
 def test_load_objects_refuses_a_checkpoint_that_is_not_a_mapping_or_path(checkpoint):
-    with pytest.raises(TypeError, match="Argument checkpoint should be a string, a path or a dictionary"):
+    with pytest.raises(TypeError, match="Argument checkpoint should be a string or a dictionary"):
         Checkpoint.load_objects({"model": model()}, checkpoint)
 
 
