@@ -185,13 +185,39 @@ def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:
     return step, score
 
 
+# Filenames ckptcloud and ignite write, to tell series apart when an object carries no metadata (most specific first)
+_SERIES_NAMES = [
+    re.compile(r"(?P<base>.+)_-?\d+_(?P<score_name>[^=]+)=[^=]*"),  # {base}_{step}_{score_name}={score}
+    re.compile(r"(?P<base>.+)_(?P<score_name>[^_=]+)=[^=]*"),  # {base}_{score_name}={score}
+    re.compile(r"(?P<base>.+)_-?\d+_-?\d+(?:\.\d+)?"),  # {base}_{step}_{score}
+    re.compile(r"(?P<base>.+)_-?\d+(?:\.\d+)?"),  # {base}_{step} or {base}_{score}
+]
+
+
+def _series(name: str, meta: dict[str, str]) -> tuple[str, str]:
+    """``(basename, label)`` of the series a checkpoint belongs to: its metadata, else what its filename shows.
+
+    One ``Checkpoint`` writes one series: one ``filename_prefix`` and object name (the basename) and one score name.
+    """
+    base, score_name = unquote(meta.get("ckptcloud_basename", "")), unquote(meta.get("ckptcloud_score_name", ""))
+    if not base:
+        stem = name.removesuffix(".pt")
+        match = next((m for m in (p.fullmatch(stem) for p in _SERIES_NAMES) if m), None)
+        base = match["base"] if match else stem
+        score_name = (match.groupdict().get("score_name") or "") if match else ""
+    return base, f"{base} ({score_name})" if score_name else base
+
+
 def _rows(saver: Any) -> list[dict[str, Any]]:
     items = [(n, info.size, info.last_modified, info.metadata) for n, info in saver.describe().items()]
     rows = []
     for name, size, mtime, meta in items:
         step, score = _rank(name, meta)
+        base, series = _series(name, meta)
         when = None if mtime is None else datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
-        rows.append({"name": name, "step": step, "score": score, "size": size, "time": when})
+        rows.append(
+            {"name": name, "step": step, "score": score, "size": size, "time": when, "series": series, "base": base}
+        )
     return rows
 
 
@@ -265,6 +291,17 @@ def _rm(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     saver, by = _folder_saver(args.url), args.by
     rows = _rows(saver)  # only checkpoints whose score (or step) is known are candidates
+    if args.series is not None:
+        rows = [r for r in rows if args.series in (r["base"], r["series"])]
+        if not rows:
+            raise CliError(3, f"no checkpoints of series {args.series!r} under {args.url}")
+    series = sorted({r["series"] for r in rows if r[by] is not None})
+    if len(series) > 1:  # ranking two series on one scale would delete the best of one of them
+        raise CliError(
+            2,
+            f"{args.url} holds {len(series)} series of checkpoints: {', '.join(series)}. Prune one at a time: "
+            f"--series NAME (e.g. --series {next(r['base'] for r in rows if r['series'] == series[0])!r})",
+        )
     ranked = sorted((r for r in rows if r[by] is not None), key=lambda r: (r[by], r["time"] or ""), reverse=True)
     keep, drop = ranked[: args.keep], ranked[args.keep :]
     for verb, group in (("keep", keep), ("would delete" if args.dry_run else "delete", drop)):
@@ -330,6 +367,12 @@ def _parser() -> argparse.ArgumentParser:
     prune = add("prune", _prune, "keep the N best (or latest) *.pt checkpoints under URL, delete the others", "url")
     prune.add_argument("--keep", type=_count, required=True, metavar="N", help="how many checkpoints to keep")
     prune.add_argument("--by", choices=["score", "step"], default="score", help="highest score (default) or step")
+    prune.add_argument(
+        "--series",
+        metavar="NAME",
+        help="prune only this series (its filename prefix and object name, e.g. best_model); required when "
+        "several series share the folder",
+    )
     prune.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     cleanup = add("cleanup", _cleanup, "discard incomplete uploads a killed process left under URL", "url")

@@ -106,6 +106,37 @@ def test_prune_without_yes_on_a_non_interactive_stdin_is_refused(capsys, s3):
     assert len(s3_keys(client, bucket)) == 2
 
 
+def two_series(url: str) -> None:
+    """ignite's usual layout: the best by score ("best_model_...") and the latest by step ("model_...") together."""
+    model = torch.nn.Linear(4, 2)
+    best = Checkpoint({"model": model}, url, n_saved=None, filename_prefix="best", score_name="acc")
+    latest = Checkpoint({"model": model}, url, n_saved=None, resume=True)
+    for step, acc in [(1, 0.8), (2, 0.95), (3, 0.7), (4, 0.6)]:
+        if acc > 0.75:
+            best.save(global_step=step, score=acc)
+        latest.save(global_step=step)
+
+
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_prune_never_ranks_two_series_on_one_scale(capsys, s3, tmp_path, where):
+    client, bucket = s3
+    url = f"s3://{bucket}/run" if where == "s3" else f"file://{tmp_path}"  # a folder's files carry no metadata
+    two_series(url)
+    names = lambda: sorted(  # noqa: E731
+        k.removeprefix("run/") for k in (s3_keys(client, bucket) if where == "s3" else os.listdir(tmp_path))
+    )
+    before = names()
+    code, _, err = cli(capsys, "prune", url, "--keep", "2", "--by", "step", "--yes")
+    assert code == 2 and "2 series" in err and "best_model (acc)" in err and "--series" in err
+    assert names() == before  # nothing deleted
+    code, _, err = cli(capsys, "prune", url, "--keep", "2", "--by", "step", "--series", "model", "--yes")
+    assert code == 0, err
+    assert names() == ["best_model_1_acc=0.8000.pt", "best_model_2_acc=0.9500.pt", "model_3.pt", "model_4.pt"]
+    code, _, err = cli(capsys, "prune", url, "--keep", "1", "--series", "best_model", "--yes")
+    assert code == 0, err
+    assert names() == ["best_model_2_acc=0.9500.pt", "model_3.pt", "model_4.pt"]
+
+
 def test_put_then_get_is_byte_identical(capsys, s3, tmp_path):
     _, bucket = s3
     source = tmp_path / "big.pt"
