@@ -53,3 +53,22 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+class SavedCheckpointEvent:
+    """``Checkpoint.SAVED_CHECKPOINT``: ignite's event, looked up on first use so ignite is not imported early."""
+
+    def __get__(self, instance: object, owner: type) -> Any:
+        from ignite.handlers.checkpoint import CheckpointEvents
+
+        return CheckpointEvents.SAVED_CHECKPOINT
+
+
+def fire_saved_event(engine: Any) -> None:
+    try:
+        from ignite.handlers.checkpoint import CheckpointEvents
+    except ImportError:
+        return
+    if not engine.has_registered_events(CheckpointEvents.SAVED_CHECKPOINT):
+        engine.register_events(*CheckpointEvents)
+    engine.fire_event(CheckpointEvents.SAVED_CHECKPOINT)

@@ -6,6 +6,7 @@ saved with each object (exact), else from the filename (the score's 4-decimal te
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import re
@@ -13,6 +14,9 @@ import string
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
+
+from ckptcloud import distributed
+from ckptcloud.stores.base import ObjectInfo
 
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf|nan)", re.IGNORECASE)
@@ -105,3 +109,102 @@ def priority_from(metadata: Mapping[str, str], match: re.Match[str]) -> int | fl
     if groups.get("global_step") is not None:
         return int(groups["global_step"])
     return None
+
+
+class Resume:
+    """Rebuilding a :class:`~ckptcloud.Checkpoint`'s kept list from storage (it reads the checkpoint's fields)."""
+
+    save_handler: Any
+    save_on_rank: int
+    n_saved: int | None
+    filename_prefix: str
+    filename_pattern: str | None
+    score_function: Any
+    score_name: str | None
+    ext: str
+    _saved: list[Any]
+
+    def resume(self) -> list[Any]:
+        """Rebuild the kept list from the checkpoints stored under the save handler's folder or prefix.
+
+        Only filenames this checkpoint's own pattern could have produced count (and, where the object carries
+        ckptcloud's metadata, only those with this checkpoint's basename); anything else is never touched.
+        Priorities are the exact ones saved with each object, else what the filename shows. If more than
+        ``n_saved`` match (a crash between a save and its eviction), the lowest are removed, so retention
+        converges back to ``n_saved``. ``Checkpoint(..., resume=True)`` calls this at construction.
+
+        Returns:
+            The kept list, lowest priority first.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from ckptcloud import Checkpoint
+            >>> folder = tempfile.mkdtemp()
+            >>> first = Checkpoint({"model": torch.nn.Linear(2, 1)}, folder, n_saved=2)
+            >>> for step in (1, 2, 3):
+            ...     _ = first.save(global_step=step)
+            >>> again = Checkpoint({"model": torch.nn.Linear(2, 1)}, folder, n_saved=2, resume=True)
+            >>> again.state_dict()
+            {'_saved': [(2, 'model_2.pt'), (3, 'model_3.pt')]}
+        """
+        describe = getattr(self.save_handler, "describe", None)
+        if not callable(describe):
+            raise TypeError(
+                f"resume needs a save handler that can list what it stored (DiskSaver, S3Saver, ...), "
+                f"but given {type(self.save_handler)}"
+            )
+        # The writing rank lists; every rank gets its listing, or raises its error.
+        listing = distributed.share(self.save_on_rank, lambda: encode_listing(describe()), "listing checkpoints")
+        stored = {name: ObjectInfo(**info) for name, info in listing.items()}
+        items = self._matching_items(stored)
+        extra = len(items) - self.n_saved if self.n_saved is not None else 0
+        self._saved = items[max(extra, 0) :]
+        for item in items[: max(extra, 0)]:
+            self._remove(item.filename)
+        return list(self._saved)
+
+    def _matching_items(self, stored: Mapping[str, ObjectInfo]) -> list[Any]:
+        name, basename = self._name(), self._basename()
+        if self.filename_pattern:
+            patterns = [self.filename_pattern]
+        else:  # what _plan can produce: with or without a step; a score when ranked by one or given to save()
+            by_score = self.score_function is not None
+            patterns = [
+                self.setup_filename_pattern(
+                    len(self.filename_prefix) > 0, with_score, self.score_name is not None, step
+                )
+                for with_score in ((True,) if by_score else (False, True))
+                for step in (True, False)
+                if step or with_score
+            ]
+        known = {"filename_prefix": self.filename_prefix, "ext": self.ext, "name": name, "score_name": self.score_name}
+        regexes = [pattern_regex(pattern, known) for pattern in patterns]
+        items = []
+        for filename, info in stored.items():
+            metadata = info.metadata
+            match = next((m for m in (r.fullmatch(filename) for r in regexes) if m), None)
+            if match is None:
+                continue
+            if "ckptcloud_basename" in metadata and unquote(metadata["ckptcloud_basename"]) != basename:
+                continue
+            priority = priority_from(metadata, match)
+            if priority is None or is_non_finite(priority):
+                continue
+            items.append(self.Item(priority, filename))
+        return sorted(items, key=lambda item: item.priority)
+
+
+def is_non_finite(value: Any) -> bool:
+    """NaN or infinite: such a score would block (inf) or confuse (NaN) every later comparison."""
+    try:
+        return isinstance(value, numbers.Real) and not math.isfinite(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def encode_listing(stored: Mapping[str, ObjectInfo]) -> dict[str, dict[str, Any]]:
+    """A save handler's listing as JSON data, to share it between ranks."""
+    return {
+        name: {"key": i.key, "size": i.size, "last_modified": i.last_modified, "metadata": dict(i.metadata)}
+        for name, i in stored.items()
+    }

@@ -6,6 +6,7 @@ writes. ``remove(filename)`` deletes a stored checkpoint; removing one that is a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import stat
@@ -229,3 +230,23 @@ class DiskSaver(BaseSaveHandler):
 
 # ignite's Checkpoint then treats it as its own DiskSaver: full-path last_checkpoint, and reload_objects works.
 register_with_ignite(DiskSaver, "DiskSaver")
+
+
+def metadata_mode(handler: Any) -> str:
+    """Decide once, from the signature, how ``handler`` takes ``metadata``: positional, keyword or not at all."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return "positional"
+    params = list(signature.parameters.values())
+    meta = signature.parameters.get("metadata")
+    if meta is not None and meta.kind is meta.KEYWORD_ONLY:
+        return "keyword"
+    if meta is not None or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return "positional"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3:
+        return "positional"
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return "keyword"
+    return "none"

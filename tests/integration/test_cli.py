@@ -396,7 +396,7 @@ def test_progress_bar_only_on_a_tty_and_not_with_quiet(capsys, tmp_path, monkeyp
     ],
 )
 def test_step_and_score_from_metadata_or_filename(name, meta, expected):
-    from ckptcloud.cli import _rank
+    from ckptcloud._inventory import _rank
 
     assert _rank(name, meta) == expected
 

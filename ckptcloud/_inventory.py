@@ -1,0 +1,79 @@
+"""What a folder or prefix holds, for ``ckptcloud ls`` and ``prune``: each checkpoint's step, score and series."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import unquote
+
+from ckptcloud._resume import parse_priority
+
+_NUM, _INT = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"-?\d+")
+
+
+def _number(text: str) -> float | None:
+    value = float(text) if _NUM.fullmatch(text) else math.nan
+    return value if math.isfinite(value) else None
+
+
+def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:
+    """``(step, score)`` from the exact metadata priority, else from the filename; ``None`` where unknown."""
+    stem, step, score = name.removesuffix(".pt"), None, None
+    base = unquote(meta.get("ckptcloud_basename", ""))
+    stem = stem[len(base) :] if base and stem.startswith(base + "_") else stem
+    if "=" in stem:  # ..._{step}_{score_name}={score} or ..._{score_name}={score}
+        head, _, text = stem.rpartition("=")
+        score, found = _number(text), re.match(r".*_(-?\d+)_", head)
+        step = int(found.group(1)) if found else None
+    elif len(parts := stem.split("_")) >= 2:  # ..._{step}, ..._{score} (decimal), ..._{step}_{score}
+        last, prev = parts[-1], parts[-2] if len(parts) >= 3 else ""
+        if _INT.fullmatch(last):
+            step = None if _INT.fullmatch(prev) else int(last)  # two trailing integers: ambiguous, left blank
+        elif (score := _number(last)) is not None and _INT.fullmatch(prev):
+            step = int(prev)
+    value = parse_priority(meta.get("ckptcloud_priority"))
+    if value is not None and math.isfinite(value):  # the priority is the score when there is one, else the step
+        if "ckptcloud_score_name" in meta or score is not None or not isinstance(value, int):
+            score = float(value)
+        else:
+            step = value
+    return step, score
+
+
+# Filenames ckptcloud and ignite write, to tell series apart when an object carries no metadata (most specific first)
+_SERIES_NAMES = [
+    re.compile(r"(?P<base>.+)_-?\d+_(?P<score_name>[^=]+)=[^=]*"),  # {base}_{step}_{score_name}={score}
+    re.compile(r"(?P<base>.+)_(?P<score_name>[^_=]+)=[^=]*"),  # {base}_{score_name}={score}
+    re.compile(r"(?P<base>.+)_-?\d+_-?\d+(?:\.\d+)?"),  # {base}_{step}_{score}
+    re.compile(r"(?P<base>.+)_-?\d+(?:\.\d+)?"),  # {base}_{step} or {base}_{score}
+]
+
+
+def _series(name: str, meta: dict[str, str]) -> tuple[str, str]:
+    """``(basename, label)`` of the series a checkpoint belongs to: its metadata, else what its filename shows.
+
+    One ``Checkpoint`` writes one series: one ``filename_prefix`` and object name (the basename) and one score name.
+    """
+    base, score_name = unquote(meta.get("ckptcloud_basename", "")), unquote(meta.get("ckptcloud_score_name", ""))
+    if not base:
+        stem = name.removesuffix(".pt")
+        match = next((m for m in (p.fullmatch(stem) for p in _SERIES_NAMES) if m), None)
+        base = match["base"] if match else stem
+        score_name = (match.groupdict().get("score_name") or "") if match else ""
+    return base, f"{base} ({score_name})" if score_name else base
+
+
+def listing_rows(saver: Any) -> list[dict[str, Any]]:
+    """One row per checkpoint of ``saver``: name, step, score, size, time (UTC, ISO) and series (label and basename)."""
+    items = [(n, info.size, info.last_modified, info.metadata) for n, info in saver.describe().items()]
+    rows = []
+    for name, size, mtime, meta in items:
+        step, score = _rank(name, meta)
+        base, series = _series(name, meta)
+        when = None if mtime is None else datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+        rows.append(
+            {"name": name, "step": step, "score": score, "size": size, "time": when, "series": series, "base": base}
+        )
+    return rows
