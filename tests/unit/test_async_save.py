@@ -215,3 +215,22 @@ def test_the_exit_hook_waits_on_no_other_rank(monkeypatch, capsys):
     assert "FAILED" not in capsys.readouterr().err  # it did not wait for the writer's outcome or evictions
     assert ckpt.state_dict() == {"_saved": [(2, "model_2.pt")]}
     assert memory.objects == {}
+
+
+def test_a_ctrl_c_while_waiting_keeps_the_save_pending_so_its_bookkeeping_is_not_lost(store, monkeypatch):
+    _, ckpt = make(store, n_saved=1)
+    store.gate.set()
+    ckpt.save(global_step=1)
+    ckpt.wait()
+    store.gate.clear()
+    ckpt.save(global_step=2)
+    future = ckpt._background._pending[0]
+    real_exception = future.exception
+    monkeypatch.setattr(future, "exception", lambda: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.wait()  # the user pressed Ctrl-C while the upload was still running
+    monkeypatch.setattr(future, "exception", real_exception)
+    store.gate.set()
+    ckpt.wait()  # the upload finished meanwhile: its bookkeeping and eviction still happen
+    assert ckpt.state_dict() == {"_saved": [(2, "model_2.pt")]}
+    assert sorted(store.objects) == ["run/model_2.pt"]
