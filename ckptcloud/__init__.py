@@ -3,7 +3,7 @@
 import logging
 
 from ckptcloud.checkpoint import Checkpoint
-from ckptcloud.errors import CkptcloudError, IntegrityError, RemoteSaveError, TransientError
+from ckptcloud.errors import CkptcloudError, IntegrityError, ObjectChangedError, RemoteSaveError, TransientError
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
@@ -18,6 +18,7 @@ __all__ = [
     "DiskSaver",
     "GCSSaver",
     "IntegrityError",
+    "ObjectChangedError",
     "RemoteSaveError",
     "RemoteSaver",
     "Retry",

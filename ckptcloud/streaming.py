@@ -21,7 +21,6 @@ chunk, so a failure is reported at once rather than after the other requests' re
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import math
@@ -334,15 +333,6 @@ def download_to_file(
         ) from err
 
 
-def _reads_versions(store: Store) -> bool:
-    """Whether ``store.read`` takes ``version`` (a store written for the older contract reads unpinned)."""
-    try:
-        params = inspect.signature(store.read).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "version" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def _download_version(
     store: Store, key: str, fd: int, *, part_size: int, max_concurrency: int, retry: Retry, progress: Progress | None
 ) -> int:
@@ -350,7 +340,7 @@ def _download_version(
     url = store.url(key)
     info = retry.call(lambda: store.head(key), f"reading the size of {url}")
     size = info.size
-    pin: dict[str, Any] = {"version": info.version} if info.version is not None and _reads_versions(store) else {}
+    pin: dict[str, Any] = {"version": info.version} if info.version is not None else {}
     meter = _Meter(progress, size)
     os.ftruncate(fd, size)
     if size <= part_size or max_concurrency == 1:

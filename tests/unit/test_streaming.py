@@ -213,7 +213,7 @@ def test_download_resumes_a_broken_range_where_it_stopped():
     class Breaking(MemoryStore):
         broke = False
 
-        def read(self, key, start=0, end=None):
+        def read(self, key, start=0, end=None, *, version=None):
             body = self.objects[key][0][start:end]
             self.requests.append(f"read {start}")
             if not self.broke:
@@ -257,11 +257,11 @@ def test_saver_load_retries_a_broken_download():
     class BreaksOnce(MemoryStore):
         broken = False
 
-        def read(self, key, start=0, end=None):
+        def read(self, key, start=0, end=None, *, version=None):
             if not self.broken:
                 self.broken = True
                 raise ConnectionResetError("reset before the first byte")
-            yield from super().read(key, start, end)
+            yield from super().read(key, start, end, version=version)
 
     saver = RemoteSaver(BreaksOnce("bucket"), part_size=5 * MiB, retry=FAST)
     saver({"w": torch.arange(10.0)}, "x.pt")
