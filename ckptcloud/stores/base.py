@@ -107,7 +107,8 @@ class Store(ABC):
         """Every object whose key starts with ``prefix`` (metadata may be empty where listing does not return it)."""
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
-        """Uploads under ``prefix`` that were begun and never completed nor aborted (a killed process leaves them).
+        """Uploads directly under ``prefix`` (not in sub-folders, which may be other runs') that were begun and
+        never completed nor aborted (a killed process leaves them).
 
         Each can be discarded with :meth:`abort`. The default is a store that leaves nothing to clean up.
         """

@@ -125,7 +125,9 @@ class MemoryStore(Store):
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
         with self._lock:
             return [
-                IncompleteUpload(u.key, uid, u.started) for uid, u in self.uploads.items() if u.key.startswith(prefix)
+                IncompleteUpload(u.key, uid, u.started)
+                for uid, u in self.uploads.items()
+                if u.key.startswith(prefix) and "/" not in u.key[len(prefix) :]
             ]
 
     def list(self, prefix: str) -> list[ObjectInfo]:

@@ -172,7 +172,8 @@ class S3Store(Store):
         with self._errors("listing incomplete uploads", prefix):
             for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
                 for u in page.get("Uploads", []):
-                    out.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
+                    if "/" not in u["Key"][len(prefix) :]:  # not other runs' uploads in sub-folders
+                        out.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
         return out
 
 

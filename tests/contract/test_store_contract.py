@@ -335,3 +335,20 @@ def test_cleanup_discards_uploads_a_killed_process_left(target):
     assert target.raw_keys() == before
     assert target.incomplete() == []
     assert saver.list() == ["kept.pt"]
+
+
+def test_cleanup_stays_inside_its_prefix_and_leaves_nested_runs_alone(target):
+    outer = target.make("outer")
+    if isinstance(outer, DiskSaver):  # another job's atomic write in progress in a sub-folder
+        (outer.dirname / "sub").mkdir()
+        running = outer.dirname / "sub" / ".model_1.pt.abc123.tmp"
+        running.write_bytes(b"partial")
+        assert outer.cleanup_incomplete(older_than=0) == [] and running.exists()
+        return
+    nested = outer.store.begin("outer/sub/model_1.pt", {})  # another job's save under outer/sub, running
+    outer.store.put_part(nested, 1, memoryview(bytearray(PART)))
+    try:
+        assert outer.cleanup_incomplete(older_than=0) == []
+        assert [u.key for u in outer.store.list_incomplete("outer/")] == []
+    finally:
+        outer.store.abort(nested)
