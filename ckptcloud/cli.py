@@ -23,7 +23,7 @@ from ckptcloud import serialization
 from ckptcloud._inventory import listing_rows
 from ckptcloud._tree import tree_leaves
 from ckptcloud.errors import CkptcloudError, IntegrityError
-from ckptcloud.handlers import DiskSaver, check_filename
+from ckptcloud.handlers import DiskSaver, atomic_write, check_filename
 from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
 from ckptcloud.urls import saver_from_url, split_url
 
@@ -108,29 +108,11 @@ def _download(saver: Any, name: str, file: IO[bytes], bar: _Bar) -> int:
     return size
 
 
-def _atomic_write(dest: Path, fill: Callable[[IO[bytes]], Any]) -> Any:
-    """``fill`` a temporary file next to ``dest``, then rename it into place; nothing is left on failure."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w+b") as file:
-            result = fill(file)
-            file.flush()
-            os.fsync(file.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # like a file created with open(); mkstemp makes it 0o600
-        os.replace(tmp, dest)
-        return result
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _upload(saver: Any, name: str, src: Path, bar: _Bar) -> None:
     """Stream ``src`` in chunks through the saver's pipeline (no torch round trip); commit once or abort."""
     with open(src, "rb") as source:
         if isinstance(saver, DiskSaver):
-            _atomic_write(saver.dirname / name, lambda file: _copy(source, file, bar))
+            atomic_write(saver.dirname / name, lambda file: _copy(source, file, bar))
             return
         size = os.fstat(source.fileno()).st_size
         part_size = choose_part_size(saver.store.limits, saver.part_size, size)
@@ -191,7 +173,7 @@ def _get(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no folder {dest.parent} to write {dest.name} into")
     bar = _Bar("get", args.quiet)
     try:
-        size, check = _atomic_write(dest, lambda f: (_download(saver, name, f, bar), _integrity(f, args.url)))
+        size, check = atomic_write(dest, lambda f: (_download(saver, name, f, bar), _integrity(f, args.url)))
     except IntegrityError as err:
         raise CliError(1, f"{err}; {dest} was not written") from err
     print(f"{args.url} -> {dest} ({_human(size)}, {time.monotonic() - start:.1f} s): {check}")

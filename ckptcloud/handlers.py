@@ -9,20 +9,20 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import stat
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from ckptcloud import distributed, serialization
 from ckptcloud._ignite import register_with_ignite
 from ckptcloud.stores.base import ObjectInfo
 
 logger = logging.getLogger("ckptcloud")
+T = TypeVar("T")
 
 
 class BaseSaveHandler(ABC):
@@ -84,6 +84,47 @@ def check_filename(filename: Any) -> str:
             f"backslashes or control characters, but given {filename!r}"
         )
     return filename
+
+
+def atomic_write(dest: Path, fill: Callable[[IO[bytes]], T]) -> T:
+    """``fill`` a temporary file next to ``dest``, sync it, then rename it into place; nothing is left on failure.
+
+    The file gets the permissions a plain ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s
+    ``0o600`` nor a forced ``0o644``: with ``umask 077`` checkpoints stay private.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> dest = Path(tempfile.mkdtemp()) / "a.bin"
+        >>> atomic_write(dest, lambda file: file.write(b"abc"))
+        3
+    """
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w+b") as file:
+            result = fill(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+        return result
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` sets it to read it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def is_valid_name(filename: str) -> bool:
@@ -163,17 +204,7 @@ class DiskSaver(BaseSaveHandler):
             with open(path, "wb") as file:
                 serialization.save(checkpoint, file, **self.kwargs)
             return
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as tmp:
-                serialization.save(checkpoint, tmp, **self.kwargs)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.chmod(tmp_name, os.stat(tmp_name).st_mode | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda file: serialization.save(checkpoint, file, **self.kwargs))
 
     def remove(self, filename: str) -> None:
         path = self.dirname / check_filename(filename)

@@ -87,6 +87,15 @@ def test_saved_file_is_readable_by_group_and_others(tmp_path):
     assert mode & stat.S_IROTH
 
 
+def test_saved_files_follow_the_umask_so_private_checkpoints_stay_private(tmp_path):
+    previous = os.umask(0o077)  # a shared machine where the user keeps files private
+    try:
+        DiskSaver(tmp_path)({"w": torch.ones(1)}, "model.pt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.pt").stat().st_mode) == 0o600
+
+
 def test_non_atomic_save_writes_the_file_directly(tmp_path):
     saver = DiskSaver(tmp_path, atomic=False)
     saver({"w": torch.ones(2)}, "model.pt")
