@@ -84,7 +84,7 @@ def ckptcloud_save(spec: dict, saver: Any, state: dict, name: str) -> float | No
 
 
 def ckptcloud_load(spec: dict, saver: Any, name: str) -> Any:
-    return saver.load(name)  # one object saved: Checkpoint stores its state dict as is
+    return saver.load(name, mmap=True)  # one object saved: Checkpoint stores its state dict as is
 
 
 # ------------------------------------------------------------------------------------------ the SDKs, naively

@@ -247,14 +247,15 @@ class RemoteSaver(BaseSaveHandler):
             discarded.append(item.key)
         return discarded
 
-    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = True) -> Any:
+    def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
         """Download ``filename`` into a temporary file and ``torch.load`` it (``weights_only=True`` by default).
 
-        The file is deleted at once (its space is freed when the last loaded tensor goes) and, with ``mmap=True``
-        (the default), the tensors map its pages: no second copy of the checkpoint in memory and no copying time
-        (1 GiB loads in about half the time of a GET into memory plus ``torch.load``). Pages written to later are
-        copied on write, into ordinary memory. ``mmap=False`` copies the tensors out and releases the file's
-        pages when the load returns. Put the temporary file on fast local storage with ``tmp_dir``.
+        The file is deleted at once. By default the tensors are copied out of it into ordinary memory, and its
+        pages are released when the load returns. ``mmap=True`` maps the tensors onto the file's pages instead: no
+        copy and no copying time, and pages written to later are copied on write. But the file's space (RAM when
+        the temp folder is a tmpfs) stays held for as long as any loaded tensor lives, which for an optimizer's
+        state restored with ``load_state_dict`` is the rest of the run. Put the temporary file on fast local
+        storage with ``tmp_dir``.
         """
         key = self.key(filename)
         with tempfile.TemporaryFile(dir=self.tmp_dir, prefix="ckptcloud-") as file:
