@@ -3,7 +3,14 @@
 import logging
 
 from ckptcloud.checkpoint import Checkpoint
-from ckptcloud.errors import CkptcloudError, IntegrityError, ObjectChangedError, RemoteSaveError, TransientError
+from ckptcloud.errors import (
+    CkptcloudError,
+    IntegrityError,
+    ObjectChangedError,
+    RemoteSaveError,
+    RunConflictError,
+    TransientError,
+)
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
@@ -22,6 +29,7 @@ __all__ = [
     "RemoteSaveError",
     "RemoteSaver",
     "Retry",
+    "RunConflictError",
     "S3Saver",
     "TransientError",
     "load_checkpoint",

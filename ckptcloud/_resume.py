@@ -122,6 +122,8 @@ class Resume:
     score_function: Any
     score_name: str | None
     ext: str
+    run_id: str
+    _run_id_given: bool
     _saved: list[Any]
 
     def resume(self) -> list[Any]:
@@ -156,12 +158,34 @@ class Resume:
         # The writing rank lists; every rank gets its listing, or raises its error.
         listing = distributed.share(self.save_on_rank, lambda: encode_listing(describe()), "listing checkpoints")
         stored = {name: ObjectInfo(**info) for name, info in listing.items()}
-        items = self._matching_items(stored)
+        items = self._adopt_run(self._matching_items(stored), stored)
         extra = len(items) - self.n_saved if self.n_saved is not None else 0
         self._saved = items[max(extra, 0) :]
         for item in items[: max(extra, 0)]:
             self._remove(item.filename)
         return list(self._saved)
+
+    def _adopt_run(self, items: list[Any], stored: Mapping[str, ObjectInfo]) -> list[Any]:
+        """Continue the run that wrote ``items``: take its run id, or keep only the given ``run_id``'s checkpoints.
+
+        Raises:
+            ValueError: the checkpoints come from several runs (two jobs shared the prefix) and no ``run_id`` was
+                given to pick one.
+        """
+        run_of = {item.filename: unquote(stored[item.filename].metadata.get("ckptcloud_run", "")) for item in items}
+        if self._run_id_given:  # objects without a run id (saved before run ids existed) count as this run's
+            return [item for item in items if run_of[item.filename] in ("", self.run_id)]
+        runs = sorted({run for run in run_of.values() if run})
+        if len(runs) > 1:
+            where = self.save_handler.url("") if hasattr(self.save_handler, "url") else "this prefix"
+            mine = {run: [i.filename for i in items if run_of[i.filename] == run][:3] for run in runs}
+            raise ValueError(
+                f"{where} holds checkpoints of {len(runs)} runs ({mine}): two jobs saved to one prefix. Pass "
+                "run_id= to continue one of them (the others' checkpoints are then left alone)"
+            )
+        if runs:
+            self.run_id = runs[0]
+        return items
 
     def _matching_items(self, stored: Mapping[str, ObjectInfo]) -> list[Any]:
         name, basename = self._name(), self._basename()

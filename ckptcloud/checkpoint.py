@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
@@ -77,6 +78,7 @@ class Checkpoint(Naming, Resume, Loading):
         save_on_rank: int = 0,
         resume: bool = False,
         async_save: bool = False,
+        run_id: str | None = None,
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
@@ -100,6 +102,8 @@ class Checkpoint(Naming, Resume, Loading):
         check_name_arguments(filename_prefix, score_name)
         if n_saved is not None and (isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1):
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}")
+        if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
+            raise ValueError(f"Argument `run_id` should be a non-empty string or None, but given {run_id!r}")
 
         self.to_save = to_save
         self.filename_prefix = filename_prefix
@@ -119,6 +123,9 @@ class Checkpoint(Naming, Resume, Loading):
         self._metadata_mode = metadata_mode(self.save_handler)
         self._warned_nan = False
         self._background = BackgroundWriter(save_on_rank) if async_save else None
+        # Who owns the checkpoints: stored with each object, so another job's saves never replace them unseen.
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self._run_id_given = run_id is not None
         if resume:
             self.resume()
 
@@ -204,6 +211,8 @@ class Checkpoint(Naming, Resume, Loading):
         if len(payload) == 1 and not self.include_self:
             payload = payload[self._name()]
         metadata = {"basename": self._basename(), "score_name": self.score_name, "priority": priority}
+        if getattr(self.save_handler, "stores_run_id", False):  # remote savers keep it; others get ignite's keys
+            metadata["run"] = self.run_id
 
         kept = list(self._saved)
         evicted: list[Checkpoint.Item] = []

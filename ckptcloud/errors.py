@@ -34,3 +34,10 @@ class ObjectChangedError(CkptcloudError):
     gone). A load restarts once from the new version; if the object changes again, the load raises this error.
     Nothing is damaged: loading again later reads one whole version.
     """
+
+
+class RunConflictError(CkptcloudError, FileExistsError):
+    """A save would replace a checkpoint that another run wrote under the same prefix; nothing was replaced.
+
+    Two jobs must not share a prefix: give each its own, or continue the other run with ``resume=True``.
+    """

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, ClassVar, TypeVar
 
 from ckptcloud import distributed, serialization
 from ckptcloud._ignite import register_with_ignite
@@ -41,9 +41,13 @@ class BaseSaveHandler(ABC):
         save model_1.pt
     """
 
+    stores_run_id: ClassVar[bool] = False
+    """Whether saves take ``metadata["run"]`` and refuse to replace another run's checkpoint (remote savers do)."""
+
     @abstractmethod
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        """Store ``checkpoint`` under ``filename``; ``metadata`` has ``basename``, ``score_name``, ``priority``."""
+        """Store ``checkpoint`` under ``filename``; ``metadata`` has ``basename``, ``score_name``, ``priority``
+        (ignite's keys) and, for handlers whose ``stores_run_id`` is true, ``run``: the id of the run that owns it."""
 
     @abstractmethod
     def remove(self, filename: str) -> None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import torch
 
 from ckptcloud import distributed, serialization
 from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
+from ckptcloud.errors import RunConflictError
 from ckptcloud.handlers import BaseSaveHandler, check_filename, is_valid_name
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, ObjectInfo, Store
@@ -91,6 +92,8 @@ class RemoteSaver(BaseSaveHandler):
         >>> saver.load("model_1.pt")["w"]
         tensor([1., 1., 1.])
     """
+
+    stores_run_id = True
 
     def __init__(
         self,
@@ -180,6 +183,7 @@ class RemoteSaver(BaseSaveHandler):
             retry=self.retry,
             progress=self.progress,
             expected_size=expected,
+            claim=_run_claim(self.store.url(key), metadata),
         )
         try:
             serialization.save(checkpoint, writer, **self.kwargs)
@@ -284,5 +288,26 @@ def _object_metadata(metadata: Mapping | None) -> dict[str, str]:
         "ckptcloud_priority": None if metadata.get("priority") is None else format_priority(metadata["priority"]),
         "ckptcloud_score_name": metadata.get("score_name"),
         "ckptcloud_basename": metadata.get("basename"),
+        "ckptcloud_run": metadata.get("run"),
     }
     return {key: quote(str(value), safe="") for key, value in fields.items() if value is not None}
+
+
+def _run_claim(url: str, metadata: Mapping | None) -> Callable[[ObjectInfo], None] | None:
+    """For a save that carries a run id: accept an existing object at ``url`` only if this run wrote it.
+
+    Objects without a run id (saved by ckptcloud 0.1.0, or by another tool) are this run's to replace, as before.
+    """
+    run = (metadata or {}).get("run")
+    if not run:
+        return None
+
+    def claim(existing: ObjectInfo) -> None:
+        theirs = unquote(existing.metadata.get("ckptcloud_run", ""))
+        if theirs and theirs != run:
+            raise RunConflictError(
+                f"not saving {url}: another run (id {theirs}) wrote it; this run's id is {run}. Two jobs must not "
+                "share a prefix: give each its own prefix, or continue that run with Checkpoint(..., resume=True)"
+            )
+
+    return claim

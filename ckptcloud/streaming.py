@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.retry import Retry
-from ckptcloud.stores.base import Store, StoreLimits
+from ckptcloud.stores.base import ObjectInfo, Store, StoreLimits
 
 logger = logging.getLogger("ckptcloud")
 
@@ -99,8 +99,10 @@ class PartWriter(io.RawIOBase):
         retry: Retry | None = None,
         progress: Progress | None = None,
         expected_size: int | None = None,
+        claim: Callable[[ObjectInfo], None] | None = None,
     ) -> None:
         super().__init__()
+        self._claim = claim
         self._meter = _Meter(progress, expected_size)
         self._retry = retry or Retry()
         self._store = store
@@ -238,9 +240,7 @@ class PartWriter(io.RawIOBase):
         if self._upload is None:
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
-                self._retry.call(
-                    lambda: self._store.put(self._key, view, self._metadata), f"uploading {self._url}", self._cancel
-                )
+                self._publish(lambda **if_: self._store.put(self._key, view, self._metadata, **if_), "uploading")
             self._meter.add(self._fill)
             self._finish()
             return
@@ -249,8 +249,26 @@ class PartWriter(io.RawIOBase):
         wait(self._futures, return_when=FIRST_EXCEPTION)  # a failed part cancels the others: no waiting them out
         self._raise_if_failed()
         tokens = [future.result() for future in self._futures]
-        self._retry.call(lambda: self._store.complete(self._upload, tokens), f"completing {self._url}", self._cancel)
+        self._publish(lambda **if_: self._store.complete(self._upload, tokens, **if_), "completing")
         self._finish()
+
+    def _publish(self, send: Callable[..., None], what: str) -> None:
+        """Make the object visible with ``send(**condition)``.
+
+        Without ``claim``, unconditionally. With it, as a new object (``if_absent``); if one is already there,
+        ``claim(its info)`` decides (it raises to refuse), and the write replaces exactly the version it judged
+        (``if_version``), so a concurrent writer can never be overwritten unseen.
+        """
+        doing = f"{what} {self._url}"
+        if self._claim is None:
+            self._retry.call(send, doing, self._cancel)
+            return
+        try:
+            self._retry.call(lambda: send(if_absent=True), doing, self._cancel)
+        except ObjectChangedError:
+            info = self._retry.call(lambda: self._store.head(self._key), f"reading {self._url}", self._cancel)
+            self._claim(info)
+            self._retry.call(lambda: send(if_version=info.version), doing, self._cancel)
 
     def abort(self) -> None:
         """Cancel the parts, wait for the requests in flight, discard the upload and release the buffers.

@@ -25,6 +25,18 @@ READ_CHUNK_SIZE = 4 * MiB
 MAX_BLOCK_SIZE = 4000 * MiB
 
 
+_CONDITION_FAILED = ("ConditionNotMet", "BlobAlreadyExists")  # what a failed conditional request answers
+
+
+def _conditions(if_absent: bool, if_version: str | None) -> dict[str, Any]:
+    """Azure's conditional-write headers: ``If-None-Match: *`` (create only) or ``If-Match: <ETag>``."""
+    from azure.core import MatchConditions
+
+    if if_absent:
+        return {"if_none_match": "*"}
+    return {"etag": if_version, "match_condition": MatchConditions.IfNotModified} if if_version else {}
+
+
 class AzureBlobStore(Store):
     """One Azure container through a ``ContainerClient`` (thread-safe, shared by the block uploads).
 
@@ -60,8 +72,8 @@ class AzureBlobStore(Store):
                 raise FileNotFoundError(f"no blob at {target} ({what})") from err
             if status == 403 or isinstance(err, az.ClientAuthenticationError):
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
-            if code == "ConditionNotMet" or isinstance(err, az.ResourceModifiedError):  # If-Match: replaced
-                raise ObjectChangedError(f"{target} was replaced while it was read ({what}): its ETag changed") from err
+            if code in _CONDITION_FAILED or isinstance(err, az.ResourceModifiedError):  # a conditional request
+                raise ObjectChangedError(f"{target} is not the version expected ({what}): its ETag changed") from err
             if status is not None and (status >= 500 or status == 429):
                 raise TransientError(f"Azure answered {code} for {target} ({what})") from err
             raise
@@ -72,11 +84,26 @@ class AzureBlobStore(Store):
         with self._errors("checking the container"):
             self.client.get_container_properties()
 
-    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+    def put(
+        self,
+        key: str,
+        data: memoryview,
+        metadata: Mapping[str, str],
+        *,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
         # upload_blob needs bytes (it reads a bytearray/memoryview as an iterable of ints): one copy of an object
         # smaller than part_size. max_concurrency=1: the SDK never starts threads of its own.
         with self._errors("put", key):
-            self.client.upload_blob(key, data.tobytes(), overwrite=True, metadata=dict(metadata), max_concurrency=1)
+            self.client.upload_blob(
+                key,
+                data.tobytes(),
+                overwrite=True,
+                metadata=dict(metadata),
+                max_concurrency=1,
+                **_conditions(if_absent, if_version),
+            )
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
         return self.client.get_blob_client(key), uuid.uuid4().hex, dict(metadata)
@@ -91,10 +118,12 @@ class AzureBlobStore(Store):
             blob.stage_block(block_id, data, length=data.nbytes)
         return block_id
 
-    def complete(self, upload: Any, parts: list[Any]) -> None:
+    def complete(
+        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
+    ) -> None:
         blob, _, metadata = upload
         with self._errors("committing the block list", blob.blob_name):
-            blob.commit_block_list(parts, metadata=metadata)
+            blob.commit_block_list(parts, metadata=metadata, **_conditions(if_absent, if_version))
 
     def abort(self, upload: Any) -> None:
         """Nothing to send: Azure cannot delete uncommitted blocks; they stay invisible (see the module docstring)."""

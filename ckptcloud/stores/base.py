@@ -67,8 +67,21 @@ class Store(ABC):
         """Raise ``FileNotFoundError`` if the bucket does not exist, ``PermissionError`` if access is denied."""
 
     @abstractmethod
-    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
-        """Store ``data`` at ``key`` in one request (small objects)."""
+    def put(
+        self,
+        key: str,
+        data: memoryview,
+        metadata: Mapping[str, str],
+        *,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
+        """Store ``data`` at ``key`` in one request (small objects).
+
+        Conditional writes (the store checks, atomically): ``if_absent`` only creates a new object, ``if_version``
+        only replaces the version :meth:`head` returned. When the condition does not hold, raise
+        :class:`~ckptcloud.errors.ObjectChangedError`.
+        """
 
     @abstractmethod
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
@@ -79,8 +92,14 @@ class Store(ABC):
         """Upload part ``number`` (1-based); returns an opaque token that ``complete`` needs."""
 
     @abstractmethod
-    def complete(self, upload: Any, parts: list[Any]) -> None:
-        """Publish the object from the part tokens, in order. The object appears whole, atomically."""
+    def complete(
+        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
+    ) -> None:
+        """Publish the object from the part tokens, in order. The object appears whole, atomically.
+
+        ``if_absent``/``if_version`` as for :meth:`put`; when the condition fails the parts stay, so ``complete``
+        can be called again with another condition.
+        """
 
     @abstractmethod
     def abort(self, upload: Any) -> None:

@@ -39,6 +39,11 @@ class GCSUpload(NamedTuple):
     metadata: dict[str, str]
 
 
+def _conditions(if_absent: bool, if_version: str | None) -> dict[str, str]:
+    """GCS's write precondition: generation 0 (create only) or the generation :meth:`GCSStore.head` returned."""
+    return {"ifGenerationMatch": "0"} if if_absent else {"ifGenerationMatch": if_version} if if_version else {}
+
+
 class GCSStore(Store):
     """One GCS bucket through a ``google.cloud.storage.Client`` (thread-safe; shared by the part uploads).
 
@@ -67,6 +72,8 @@ class GCSStore(Store):
             if key is None or "bucket does not exist" in str(err.message):
                 raise FileNotFoundError(f"GCS bucket {self.bucket!r} does not exist ({what})") from err
             raise FileNotFoundError(f"no object at {target} ({what})") from err
+        except exceptions.PreconditionFailed as err:  # a conditional write or a pinned read
+            raise ObjectChangedError(f"{target} is not the generation expected ({what})") from err
         except (exceptions.Forbidden, exceptions.Unauthorized) as err:
             raise PermissionError(f"access denied to {target} ({what}): {err.code} {err.message}") from err
         except exceptions.RetryError as err:
@@ -94,7 +101,15 @@ class GCSStore(Store):
         with self._errors("checking the bucket"):  # listing needs only object rights, unlike a bucket GET
             next(iter(self.client.list_blobs(self.bucket, max_results=1, retry=None, timeout=_TIMEOUT)), None)
 
-    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+    def put(
+        self,
+        key: str,
+        data: memoryview,
+        metadata: Mapping[str, str],
+        *,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
         """One multipart upload (object and metadata in one request); copies the small object once."""
         sep = uuid.uuid4().hex
         resource = json.dumps({"name": key, "contentType": _OCTET, "metadata": dict(metadata)})
@@ -103,7 +118,8 @@ class GCSStore(Store):
         )
         with self._errors(f"putting {self.url(key)}"):
             body = b"".join([head.encode(), data, f"\r\n--{sep}--\r\n".encode()])
-            self._post({"uploadType": "multipart"}, body, f"multipart/related; boundary={sep}")
+            params = {"uploadType": "multipart", **_conditions(if_absent, if_version)}
+            self._post(params, body, f"multipart/related; boundary={sep}")
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> GCSUpload:
         folder = key.rpartition("/")[0]
@@ -120,27 +136,32 @@ class GCSStore(Store):
             self._post({"uploadType": "media", "name": name}, view, _OCTET)
         return name
 
-    def complete(self, upload: GCSUpload, parts: list[str]) -> None:
+    def complete(
+        self, upload: GCSUpload, parts: list[str], *, if_absent: bool = False, if_version: str | None = None
+    ) -> None:
         sources, level, fan_in, tmp = list(parts), 0, MAX_COMPOSE_SOURCES, upload.tmp_prefix
         with self._errors(f"composing {len(parts)} parts into {self.url(upload.key)}"):
             while len(sources) > fan_in:  # intermediates first: the key appears only at the last compose
                 level += 1
                 groups = [sources[i : i + fan_in] for i in range(0, len(sources), fan_in)]
                 sources = [self._compose(f"{tmp}compose-{level}-{i:05d}", g) for i, g in enumerate(groups)]
-            self._compose(upload.key, sources, upload.metadata)
+            self._compose(upload.key, sources, upload.metadata, **_conditions(if_absent, if_version))
         try:  # the object is published: leftovers are garbage, not a failed save
             self.abort(upload)
         except Exception as err:
             logging.getLogger("ckptcloud").warning("could not delete parts under %s: %s", self.url(tmp), err)
 
-    def _compose(self, name: str, sources: list[str], metadata: Mapping[str, str] | None = None) -> str:
+    def _compose(
+        self, name: str, sources: list[str], metadata: Mapping[str, str] | None = None, **conditions: str
+    ) -> str:
         """Compose ``sources`` into ``name`` (idempotent: the sources stay until the upload is finished)."""
         bucket = self.client.bucket(self.bucket)
         blob = bucket.blob(name)
         blob.content_type = _OCTET
         if metadata:
             blob.metadata = dict(metadata)
-        blob.compose([bucket.blob(s) for s in sources], retry=None, timeout=_TIMEOUT)
+        match = {"if_generation_match": int(conditions["ifGenerationMatch"])} if conditions else {}
+        blob.compose([bucket.blob(s) for s in sources], retry=None, timeout=_TIMEOUT, **match)
         return name
 
     def abort(self, upload: GCSUpload) -> None:

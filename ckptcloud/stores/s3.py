@@ -31,6 +31,7 @@ _DENIED = {
 _TRANSIENT = {
     "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500", "BadDigest",
 }  # fmt: skip
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict")  # a failed conditional request
 
 
 def _body(data: memoryview) -> bytes | bytearray:
@@ -80,8 +81,8 @@ class S3Store(Store):
                 raise FileNotFoundError(f"no object at {target} ({what})") from err
             if code in _DENIED:
                 raise PermissionError(f"access denied to {target} ({what}): {code}") from err
-            if code == "PreconditionFailed" or status == 412:  # If-Match: the object was replaced
-                raise ObjectChangedError(f"{target} was replaced while it was read ({what}): its ETag changed") from err
+            if code in _CONDITION_FAILED or status == 412:  # a conditional request: the object is another version
+                raise ObjectChangedError(f"{target} is not the version expected ({what}): its ETag changed") from err
             if code in _TRANSIENT or status >= 500:
                 raise TransientError(f"S3 answered {code or status} for {target} ({what})") from err
             raise
@@ -92,7 +93,15 @@ class S3Store(Store):
         with self._errors("checking the bucket"):
             self.client.head_bucket(Bucket=self.bucket)
 
-    def put(self, key: str, data: memoryview, metadata: Mapping[str, str]) -> None:
+    def put(
+        self,
+        key: str,
+        data: memoryview,
+        metadata: Mapping[str, str],
+        *,
+        if_absent: bool = False,
+        if_version: str | None = None,
+    ) -> None:
         with self._errors("put", key):
             self.client.put_object(
                 Bucket=self.bucket,
@@ -100,6 +109,7 @@ class S3Store(Store):
                 Body=_body(data),
                 ChecksumCRC32C=crc32c_base64(data),
                 Metadata=dict(metadata),
+                **_conditions(if_absent, if_version),
                 **self.extra_args,
             )
 
@@ -124,11 +134,17 @@ class S3Store(Store):
             )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": checksum}
 
-    def complete(self, upload: Any, parts: list[Any]) -> None:
+    def complete(
+        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
+    ) -> None:
         key, upload_id = upload
         with self._errors("completing the multipart upload", key):
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **_conditions(if_absent, if_version),
             )
 
     def abort(self, upload: Any) -> None:
@@ -175,6 +191,11 @@ class S3Store(Store):
                     if "/" not in u["Key"][len(prefix) :]:  # not other runs' uploads in sub-folders
                         out.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
         return out
+
+
+def _conditions(if_absent: bool, if_version: str | None) -> dict[str, str]:
+    """S3's conditional-write headers: ``If-None-Match: *`` (create only) or ``If-Match: <ETag>``."""
+    return {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_version} if if_version else {}
 
 
 def make_s3_client(

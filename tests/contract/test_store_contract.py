@@ -18,7 +18,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint as IgniteCheckpoint
 
 import ckptcloud.serialization
-from ckptcloud import Checkpoint, DiskSaver, load_checkpoint
+from ckptcloud import Checkpoint, DiskSaver, ObjectChangedError, load_checkpoint
+from ckptcloud.errors import RunConflictError
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.stores.base import MiB
 from ckptcloud.stores.memory import MemoryStore
@@ -131,6 +132,15 @@ def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
         yield _local_target(tmp_path / "store")
     else:
         yield {"s3": _s3_target, "gcs": _gcs_target, "azure": _azure_target}[kind](request, monkeypatch)
+
+
+@pytest.fixture(params=["memory", "s3", "gcs", "azure"])
+def remote_target(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    """The object stores only (a local folder keeps no metadata, so it has no run ids)."""
+    if request.param == "memory":
+        yield _memory_target()
+    else:
+        yield {"s3": _s3_target, "gcs": _gcs_target, "azure": _azure_target}[request.param](request, monkeypatch)
 
 
 def state(seed: int, mib: int = 12) -> dict:
@@ -352,3 +362,43 @@ def test_cleanup_stays_inside_its_prefix_and_leaves_nested_runs_alone(target):
         assert [u.key for u in outer.store.list_incomplete("outer/")] == []
     finally:
         outer.store.abort(nested)
+
+
+def test_conditional_writes_create_only_or_replace_only_the_version_seen(remote_target):
+    store = remote_target.make("cond").store
+    store.put("cond/a.pt", memoryview(b"1"), {}, if_absent=True)
+    with pytest.raises(ObjectChangedError):
+        store.put("cond/a.pt", memoryview(b"2"), {}, if_absent=True)
+    seen = store.head("cond/a.pt").version
+    store.put("cond/a.pt", memoryview(b"3"), {}, if_version=seen)  # replaces exactly the version it saw
+    with pytest.raises(ObjectChangedError):
+        store.put("cond/a.pt", memoryview(b"4"), {}, if_version=seen)  # that version is gone now
+    assert b"".join(store.read("cond/a.pt")) == b"3"
+    upload = store.begin("cond/a.pt", {})
+    token = store.put_part(upload, 1, memoryview(bytearray(PART)))
+    if remote_target.name != "gcs":  # fake-gcs-server ignores preconditions on compose (real GCS enforces them)
+        with pytest.raises(ObjectChangedError):
+            store.complete(upload, [token], if_absent=True)  # the parts stay: complete can be called again
+    store.complete(upload, [token], if_version=store.head("cond/a.pt").version)
+    assert store.head("cond/a.pt").size == PART
+
+
+def test_a_second_job_on_the_same_prefix_never_replaces_the_first_jobs_checkpoints(remote_target):
+    first_model, second_model = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        first_model.weight.fill_(1.0)
+        second_model.weight.fill_(2.0)
+    # both start at an empty prefix, so require_empty passes for both (trial 9)
+    first = Checkpoint({"model": first_model}, remote_target.make("shared"), n_saved=2)
+    second = Checkpoint({"model": second_model}, remote_target.make("shared"), n_saved=2)
+    assert first.save(global_step=1) == "model_1.pt"
+    with pytest.raises(RunConflictError, match=f"another run \\(id {first.run_id}\\) wrote it"):
+        second.save(global_step=1)
+    assert second.state_dict() == {"_saved": []}  # the failed save changed nothing
+    first.save(global_step=2)
+    stored = first.save_handler.load("model_1.pt")
+    assert torch.equal(stored["weight"], first_model.weight.detach())  # still the first job's weights
+    saver = remote_target.make("shared", require_empty=False)
+    restarted = Checkpoint({"model": first_model}, saver, n_saved=2, resume=True)
+    assert restarted.run_id == first.run_id  # a restart continues the run it resumes
+    assert restarted.save(global_step=2) == "model_2.pt"  # and may replace that run's own files

@@ -184,7 +184,7 @@ def test_transient_part_failures_are_retried_and_the_object_completes():
 
 def test_permanent_failures_are_not_retried():
     class Denied(MemoryStore):
-        def put(self, key, data, metadata):
+        def put(self, key, data, metadata, **conditions):
             self.requests.append("put")
             raise PermissionError("access denied")
 
@@ -277,11 +277,11 @@ from ckptcloud.stores.memory import MemoryStore
 
 class Flaky(MemoryStore):
     failed = False
-    def put(self, key, data, metadata):
+    def put(self, key, data, metadata, **conditions):
         if not self.failed:
             self.failed = True
             raise ConnectionResetError("reset")
-        super().put(key, data, metadata)
+        super().put(key, data, metadata, **conditions)
 
 saver = RemoteSaver(Flaky("b"), retry=Retry(initial_backoff=0.001))
 saver({"w": torch.ones(1)}, "x.pt")
