@@ -22,9 +22,10 @@ import torch
 from ckptcloud import serialization
 from ckptcloud._inventory import listing_rows
 from ckptcloud._tree import tree_leaves
+from ckptcloud.download import download_to_file
 from ckptcloud.errors import CkptcloudError, IntegrityError
 from ckptcloud.handlers import DiskSaver, atomic_write, check_filename
-from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+from ckptcloud.streaming import PartWriter, choose_part_size
 from ckptcloud.urls import saver_from_url, split_url
 
 MiB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""The upload and download pipeline shared by every remote store: buffering, threads, the memory bound, abort.
+"""The upload pipeline shared by every remote store: buffering, threads, the memory bound, commit or abort.
 
 Upload (``PartWriter``): ``torch.save`` writes into a write-only stream. Bytes are copied into part buffers of
 ``part_size`` taken from a pool of ``max_concurrency + 1`` buffers; a full buffer is uploaded by a worker thread
@@ -10,13 +10,11 @@ No view of the caller's memory outlives a ``write`` call (``torch.save`` hands o
 of live memory). A stream that never fills a part is sent with one ``put``; otherwise the multipart upload begins
 with the first full part and is either completed once (``commit``) or aborted (``abort``, on any exception).
 
-Download (``download_to_file``): one streaming GET, or up to ``max_concurrency`` ranged GETs written with
-``os.pwrite`` into a file, so a load never holds a second in-memory copy of the checkpoint. Every range, and every
-retry of one, is pinned to the version ``head()`` saw, so the file holds exactly one version of the object.
+Downloads are in :mod:`ckptcloud.download`.
 
-Cancellation: each upload and download shares one ``threading.Event`` with its requests' retries. The first
-failure, ``abort`` or Ctrl-C sets it: queued requests never start, retries stop waiting, ranges stop at their next
-chunk, so a failure is reported at once rather than after the other requests' retries.
+Cancellation: each upload shares one ``threading.Event`` with its requests' retries. The first failure, ``abort``
+or Ctrl-C sets it: queued parts never start and retries stop waiting, so a failure is reported at once rather than
+after the other parts' retries.
 """
 
 from __future__ import annotations
@@ -24,16 +22,15 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
-from typing import IO, Any
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
 
-from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.errors import ObjectChangedError
 from ckptcloud.retry import Retry
-from ckptcloud.stores.base import ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import ObjectInfo, Precondition, Store, StoreLimits
 
 logger = logging.getLogger("ckptcloud")
 
@@ -41,7 +38,7 @@ Progress = Callable[[int, "int | None"], None]
 """``progress(bytes_done, bytes_total)``: called from worker threads as parts/ranges finish; total may be None."""
 
 
-class _Meter:
+class Meter:
     """Thread-safe byte counter that reports to a progress callback."""
 
     def __init__(self, progress: Progress | None, total: int | None) -> None:
@@ -103,7 +100,7 @@ class PartWriter(io.RawIOBase):
     ) -> None:
         super().__init__()
         self._claim = claim
-        self._meter = _Meter(progress, expected_size)
+        self._meter = Meter(progress, expected_size)
         self._retry = retry or Retry()
         self._store = store
         self._key = key
@@ -240,7 +237,7 @@ class PartWriter(io.RawIOBase):
         if self._upload is None:
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
-                self._publish(lambda **if_: self._store.put(self._key, view, self._metadata, **if_), "uploading")
+                self._publish(lambda when=None: self._store.put(self._key, view, self._metadata, when), "uploading")
             self._meter.add(self._fill)
             self._finish()
             return
@@ -249,26 +246,26 @@ class PartWriter(io.RawIOBase):
         wait(self._futures, return_when=FIRST_EXCEPTION)  # a failed part cancels the others: no waiting them out
         self._raise_if_failed()
         tokens = [future.result() for future in self._futures]
-        self._publish(lambda **if_: self._store.complete(self._upload, tokens, **if_), "completing")
+        self._publish(lambda when=None: self._store.complete(self._upload, tokens, when), "completing")
         self._finish()
 
     def _publish(self, send: Callable[..., None], what: str) -> None:
         """Make the object visible with ``send(**condition)``.
 
-        Without ``claim``, unconditionally. With it, as a new object (``if_absent``); if one is already there,
-        ``claim(its info)`` decides (it raises to refuse), and the write replaces exactly the version it judged
-        (``if_version``), so a concurrent writer can never be overwritten unseen.
+        Without ``claim``, unconditionally. With it, as a new object (``Precondition()``); if one is already
+        there, ``claim(its info)`` decides (it raises to refuse), and the write replaces exactly the version it
+        judged (``Precondition(version)``), so a concurrent writer can never be overwritten unseen.
         """
         doing = f"{what} {self._url}"
         if self._claim is None:
             self._retry.call(send, doing, self._cancel)
             return
         try:
-            self._retry.call(lambda: send(if_absent=True), doing, self._cancel)
+            self._retry.call(lambda: send(Precondition()), doing, self._cancel)
         except ObjectChangedError:
             info = self._retry.call(lambda: self._store.head(self._key), f"reading {self._url}", self._cancel)
             self._claim(info)
-            self._retry.call(lambda: send(if_version=info.version), doing, self._cancel)
+            self._retry.call(lambda: send(Precondition(info.version)), doing, self._cancel)
 
     def abort(self) -> None:
         """Cancel the parts, wait for the requests in flight, discard the upload and release the buffers.
@@ -314,104 +311,3 @@ class PartWriter(io.RawIOBase):
             except queue.Empty:
                 break
         self._futures.clear()
-
-
-def download_to_file(
-    store: Store,
-    key: str,
-    file: IO[bytes],
-    *,
-    part_size: int,
-    max_concurrency: int,
-    retry: Retry | None = None,
-    progress: Progress | None = None,
-) -> int:
-    """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
-
-    One streaming GET when the object fits in one part or ``max_concurrency == 1``; otherwise at most
-    ``max_concurrency`` ranged GETs of equal size, each written at its offset with ``os.pwrite``.
-
-    Every request, retries included, is pinned to the version ``head()`` returned, so the file holds exactly one
-    version. If the object is replaced mid-load, the download starts over once from a fresh ``head()`` (progress
-    then counts from 0 again); if it is replaced again, :class:`~ckptcloud.errors.ObjectChangedError` is raised.
-    The first failure, or Ctrl-C, stops every range at its next chunk and is raised once they have all stopped.
-    """
-    retry = retry or Retry()
-    options: dict[str, Any] = {"part_size": part_size, "max_concurrency": max_concurrency, "retry": retry}
-    try:
-        return _download_version(store, key, file.fileno(), progress=progress, **options)
-    except ObjectChangedError:
-        logger.info("%s was replaced while it was loaded; loading the new version", store.url(key))
-    try:
-        return _download_version(store, key, file.fileno(), progress=progress, **options)
-    except ObjectChangedError as err:
-        raise ObjectChangedError(
-            f"{store.url(key)} kept changing while it was loaded (it was replaced during two loads in a row); "
-            "nothing is damaged: load it again once it is no longer being overwritten"
-        ) from err
-
-
-def _download_version(
-    store: Store, key: str, fd: int, *, part_size: int, max_concurrency: int, retry: Retry, progress: Progress | None
-) -> int:
-    """One download attempt of the version ``head()`` returns now (see :func:`download_to_file`)."""
-    url = store.url(key)
-    info = retry.call(lambda: store.head(key), f"reading the size of {url}")
-    size = info.size
-    pin: dict[str, Any] = {"version": info.version} if info.version is not None else {}
-    meter = _Meter(progress, size)
-    os.ftruncate(fd, size)
-    if size <= part_size or max_concurrency == 1:
-        ranges = [(0, size)]
-    else:
-        step = max(part_size, math.ceil(size / max_concurrency))
-        ranges = [(start, min(start + step, size)) for start in range(0, size, step)]
-    cancel = threading.Event()
-    failures: list[BaseException] = []
-    lock = threading.Lock()
-
-    def fetch(start: int, end: int) -> None:
-        offset = start
-
-        def resume() -> None:  # a retry continues from the last byte written, pinned to the same version
-            nonlocal offset
-            chunks = store.read(key, offset, end, **pin)
-            try:
-                for chunk in chunks:
-                    if cancel.is_set():
-                        raise CancelledError(f"downloading {url} was cancelled")
-                    view = memoryview(chunk)
-                    while view:
-                        written = os.pwrite(fd, view, offset)
-                        offset += written
-                        meter.add(written)
-                        view = view[written:]
-            finally:
-                close = getattr(chunks, "close", None)  # ends the request now, also when we stop early
-                if close is not None:
-                    close()
-            if offset != end:
-                raise TransientError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
-
-        try:
-            retry.call(resume, f"downloading bytes {start}..{end} of {url}", cancel)
-        except BaseException as err:
-            with lock:
-                if not cancel.is_set():  # the first failure; the ranges it stops fail with CancelledError
-                    failures.append(err)
-                cancel.set()
-            raise
-
-    if len(ranges) == 1:
-        fetch(*ranges[0])
-        return size
-    executor = ThreadPoolExecutor(len(ranges), thread_name_prefix="ckptcloud-get")
-    futures = [executor.submit(fetch, start, end) for start, end in ranges]
-    try:
-        wait(futures, return_when=FIRST_EXCEPTION)
-    finally:  # on a failure or Ctrl-C: stop every range, and let none write to the file after we return
-        cancel.set()
-        executor.shutdown(wait=True, cancel_futures=True)
-    if failures:
-        raise failures[0]
-    return size

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.errors import ObjectChangedError, TransientError
-from ckptcloud.stores.base import MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import MiB, ObjectInfo, Precondition, Store, StoreLimits
 
 # Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
 # load to max_concurrency * 4 MiB in flight while keeping per-request latency a small share of the transfer.
@@ -28,13 +28,15 @@ MAX_BLOCK_SIZE = 4000 * MiB
 _CONDITION_FAILED = ("ConditionNotMet", "BlobAlreadyExists")  # what a failed conditional request answers
 
 
-def _conditions(if_absent: bool, if_version: str | None) -> dict[str, Any]:
+def _conditions(when: Precondition | None) -> dict[str, Any]:
     """Azure's conditional-write headers: ``If-None-Match: *`` (create only) or ``If-Match: <ETag>``."""
     from azure.core import MatchConditions
 
-    if if_absent:
+    if when is None:
+        return {}
+    if when.version is None:
         return {"if_none_match": "*"}
-    return {"etag": if_version, "match_condition": MatchConditions.IfNotModified} if if_version else {}
+    return {"etag": when.version, "match_condition": MatchConditions.IfNotModified}
 
 
 class AzureBlobStore(Store):
@@ -84,15 +86,7 @@ class AzureBlobStore(Store):
         with self._errors("checking the container"):
             self.client.get_container_properties()
 
-    def put(
-        self,
-        key: str,
-        data: memoryview,
-        metadata: Mapping[str, str],
-        *,
-        if_absent: bool = False,
-        if_version: str | None = None,
-    ) -> None:
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         # upload_blob needs bytes (it reads a bytearray/memoryview as an iterable of ints): one copy of an object
         # smaller than part_size. max_concurrency=1: the SDK never starts threads of its own.
         with self._errors("put", key):
@@ -102,7 +96,7 @@ class AzureBlobStore(Store):
                 overwrite=True,
                 metadata=dict(metadata),
                 max_concurrency=1,
-                **_conditions(if_absent, if_version),
+                **_conditions(when),
             )
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
@@ -118,12 +112,10 @@ class AzureBlobStore(Store):
             blob.stage_block(block_id, data, length=data.nbytes)
         return block_id
 
-    def complete(
-        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
-    ) -> None:
+    def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
         blob, _, metadata = upload
         with self._errors("committing the block list", blob.blob_name):
-            blob.commit_block_list(parts, metadata=metadata, **_conditions(if_absent, if_version))
+            blob.commit_block_list(parts, metadata=metadata, **_conditions(when))
 
     def abort(self, upload: Any) -> None:
         """Nothing to send: Azure cannot delete uncommitted blocks; they stay invisible (see the module docstring)."""

@@ -40,6 +40,14 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class Precondition:
+    """What a conditional write requires at its key: no object at all (``version=None``), or exactly ``version``
+    (the ETag or generation :meth:`Store.head` returned)."""
+
+    version: str | None = None
+
+
+@dataclass(frozen=True)
 class IncompleteUpload:
     """An upload left behind: the key it was for (or its temporary folder), the handle ``abort`` takes, its start."""
 
@@ -67,20 +75,12 @@ class Store(ABC):
         """Raise ``FileNotFoundError`` if the bucket does not exist, ``PermissionError`` if access is denied."""
 
     @abstractmethod
-    def put(
-        self,
-        key: str,
-        data: memoryview,
-        metadata: Mapping[str, str],
-        *,
-        if_absent: bool = False,
-        if_version: str | None = None,
-    ) -> None:
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         """Store ``data`` at ``key`` in one request (small objects).
 
-        Conditional writes (the store checks, atomically): ``if_absent`` only creates a new object, ``if_version``
-        only replaces the version :meth:`head` returned. When the condition does not hold, raise
-        :class:`~ckptcloud.errors.ObjectChangedError`.
+        ``when`` makes it a conditional write, checked by the store atomically: ``Precondition()`` only creates a
+        new object, ``Precondition(version)`` only replaces the version :meth:`head` returned. When it does not
+        hold, raise :class:`~ckptcloud.errors.ObjectChangedError`.
         """
 
     @abstractmethod
@@ -92,12 +92,10 @@ class Store(ABC):
         """Upload part ``number`` (1-based); returns an opaque token that ``complete`` needs."""
 
     @abstractmethod
-    def complete(
-        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
-    ) -> None:
+    def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
         """Publish the object from the part tokens, in order. The object appears whole, atomically.
 
-        ``if_absent``/``if_version`` as for :meth:`put`; when the condition fails the parts stay, so ``complete``
+        ``when`` as for :meth:`put`; when the precondition fails the parts stay, so ``complete``
         can be called again with another condition.
         """
 

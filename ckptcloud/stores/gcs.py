@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from ckptcloud.errors import ObjectChangedError, TransientError
-from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
 
 MAX_COMPOSE_SOURCES = 32
 TMP_FOLDER = ".ckptcloud-tmp"
@@ -39,9 +39,9 @@ class GCSUpload(NamedTuple):
     metadata: dict[str, str]
 
 
-def _conditions(if_absent: bool, if_version: str | None) -> dict[str, str]:
+def _conditions(when: Precondition | None) -> dict[str, str]:
     """GCS's write precondition: generation 0 (create only) or the generation :meth:`GCSStore.head` returned."""
-    return {"ifGenerationMatch": "0"} if if_absent else {"ifGenerationMatch": if_version} if if_version else {}
+    return {} if when is None else {"ifGenerationMatch": when.version or "0"}
 
 
 class GCSStore(Store):
@@ -101,15 +101,7 @@ class GCSStore(Store):
         with self._errors("checking the bucket"):  # listing needs only object rights, unlike a bucket GET
             next(iter(self.client.list_blobs(self.bucket, max_results=1, retry=None, timeout=_TIMEOUT)), None)
 
-    def put(
-        self,
-        key: str,
-        data: memoryview,
-        metadata: Mapping[str, str],
-        *,
-        if_absent: bool = False,
-        if_version: str | None = None,
-    ) -> None:
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         """One multipart upload (object and metadata in one request); copies the small object once."""
         sep = uuid.uuid4().hex
         resource = json.dumps({"name": key, "contentType": _OCTET, "metadata": dict(metadata)})
@@ -118,7 +110,7 @@ class GCSStore(Store):
         )
         with self._errors(f"putting {self.url(key)}"):
             body = b"".join([head.encode(), data, f"\r\n--{sep}--\r\n".encode()])
-            params = {"uploadType": "multipart", **_conditions(if_absent, if_version)}
+            params = {"uploadType": "multipart", **_conditions(when)}
             self._post(params, body, f"multipart/related; boundary={sep}")
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> GCSUpload:
@@ -136,16 +128,14 @@ class GCSStore(Store):
             self._post({"uploadType": "media", "name": name}, view, _OCTET)
         return name
 
-    def complete(
-        self, upload: GCSUpload, parts: list[str], *, if_absent: bool = False, if_version: str | None = None
-    ) -> None:
+    def complete(self, upload: GCSUpload, parts: list[str], when: Precondition | None = None) -> None:
         sources, level, fan_in, tmp = list(parts), 0, MAX_COMPOSE_SOURCES, upload.tmp_prefix
         with self._errors(f"composing {len(parts)} parts into {self.url(upload.key)}"):
             while len(sources) > fan_in:  # intermediates first: the key appears only at the last compose
                 level += 1
                 groups = [sources[i : i + fan_in] for i in range(0, len(sources), fan_in)]
                 sources = [self._compose(f"{tmp}compose-{level}-{i:05d}", g) for i, g in enumerate(groups)]
-            self._compose(upload.key, sources, upload.metadata, **_conditions(if_absent, if_version))
+            self._compose(upload.key, sources, upload.metadata, **_conditions(when))
         try:  # the object is published: leftovers are garbage, not a failed save
             self.abort(upload)
         except Exception as err:

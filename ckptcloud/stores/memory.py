@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptcloud.errors import ObjectChangedError
-from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
 
 
 @dataclass
@@ -64,18 +64,10 @@ class MemoryStore(Store):
     def check_bucket(self) -> None:
         self._log("check_bucket")
 
-    def put(
-        self,
-        key: str,
-        data: memoryview,
-        metadata: Mapping[str, str],
-        *,
-        if_absent: bool = False,
-        if_version: str | None = None,
-    ) -> None:
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         self._log("put")
         with self._lock:
-            self._check_condition(key, if_absent, if_version)
+            self._check_condition(key, when)
             self.objects[key] = (bytes(data), dict(metadata), time.time())
             self._version(key)
 
@@ -92,12 +84,10 @@ class MemoryStore(Store):
             self.uploads[upload].parts[number] = bytes(data)
         return number
 
-    def complete(
-        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
-    ) -> None:
+    def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
         self._log("complete")
         with self._lock:
-            self._check_condition(self.uploads[upload].key, if_absent, if_version)
+            self._check_condition(self.uploads[upload].key, when)
             state = self.uploads.pop(upload)
             sizes = [len(state.parts[n]) for n in parts]
             if any(size < self.limits.min_part_size for size in sizes[:-1]):
@@ -106,10 +96,8 @@ class MemoryStore(Store):
             self.objects[state.key] = (body, state.metadata, time.time())
             self._version(state.key)
 
-    def _check_condition(self, key: str, if_absent: bool, if_version: str | None) -> None:
-        if (if_absent and key in self.objects) or (
-            if_version is not None and (key not in self.objects or self._version(key) != if_version)
-        ):
+    def _check_condition(self, key: str, when: Precondition | None) -> None:
+        if when is not None and (self._version(key) if key in self.objects else None) != when.version:
             raise ObjectChangedError(f"{self.url(key)} is not the version the write was conditional on")
 
     def abort(self, upload: Any) -> None:

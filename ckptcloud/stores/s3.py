@@ -15,7 +15,7 @@ from typing import Any
 
 from ckptcloud.checksum import crc32c_base64
 from ckptcloud.errors import ObjectChangedError, TransientError
-from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Store, StoreLimits
+from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
 
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -93,15 +93,7 @@ class S3Store(Store):
         with self._errors("checking the bucket"):
             self.client.head_bucket(Bucket=self.bucket)
 
-    def put(
-        self,
-        key: str,
-        data: memoryview,
-        metadata: Mapping[str, str],
-        *,
-        if_absent: bool = False,
-        if_version: str | None = None,
-    ) -> None:
+    def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         with self._errors("put", key):
             self.client.put_object(
                 Bucket=self.bucket,
@@ -109,7 +101,7 @@ class S3Store(Store):
                 Body=_body(data),
                 ChecksumCRC32C=crc32c_base64(data),
                 Metadata=dict(metadata),
-                **_conditions(if_absent, if_version),
+                **_conditions(when),
                 **self.extra_args,
             )
 
@@ -134,9 +126,7 @@ class S3Store(Store):
             )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": checksum}
 
-    def complete(
-        self, upload: Any, parts: list[Any], *, if_absent: bool = False, if_version: str | None = None
-    ) -> None:
+    def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
         key, upload_id = upload
         with self._errors("completing the multipart upload", key):
             self.client.complete_multipart_upload(
@@ -144,7 +134,7 @@ class S3Store(Store):
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
-                **_conditions(if_absent, if_version),
+                **_conditions(when),
             )
 
     def abort(self, upload: Any) -> None:
@@ -193,9 +183,11 @@ class S3Store(Store):
         return out
 
 
-def _conditions(if_absent: bool, if_version: str | None) -> dict[str, str]:
+def _conditions(when: Precondition | None) -> dict[str, str]:
     """S3's conditional-write headers: ``If-None-Match: *`` (create only) or ``If-Match: <ETag>``."""
-    return {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_version} if if_version else {}
+    if when is None:
+        return {}
+    return {"IfNoneMatch": "*"} if when.version is None else {"IfMatch": when.version}
 
 
 def make_s3_client(

@@ -21,7 +21,7 @@ import ckptcloud.serialization
 from ckptcloud import Checkpoint, DiskSaver, ObjectChangedError, load_checkpoint
 from ckptcloud.errors import RunConflictError
 from ckptcloud.remote import RemoteSaver
-from ckptcloud.stores.base import MiB
+from ckptcloud.stores.base import MiB, Precondition
 from ckptcloud.stores.memory import MemoryStore
 
 PART = 5 * MiB
@@ -366,20 +366,20 @@ def test_cleanup_stays_inside_its_prefix_and_leaves_nested_runs_alone(target):
 
 def test_conditional_writes_create_only_or_replace_only_the_version_seen(remote_target):
     store = remote_target.make("cond").store
-    store.put("cond/a.pt", memoryview(b"1"), {}, if_absent=True)
+    store.put("cond/a.pt", memoryview(b"1"), {}, Precondition())
     with pytest.raises(ObjectChangedError):
-        store.put("cond/a.pt", memoryview(b"2"), {}, if_absent=True)
+        store.put("cond/a.pt", memoryview(b"2"), {}, Precondition())
     seen = store.head("cond/a.pt").version
-    store.put("cond/a.pt", memoryview(b"3"), {}, if_version=seen)  # replaces exactly the version it saw
+    store.put("cond/a.pt", memoryview(b"3"), {}, Precondition(seen))  # replaces exactly the version it saw
     with pytest.raises(ObjectChangedError):
-        store.put("cond/a.pt", memoryview(b"4"), {}, if_version=seen)  # that version is gone now
+        store.put("cond/a.pt", memoryview(b"4"), {}, Precondition(seen))  # that version is gone now
     assert b"".join(store.read("cond/a.pt")) == b"3"
     upload = store.begin("cond/a.pt", {})
     token = store.put_part(upload, 1, memoryview(bytearray(PART)))
     if remote_target.name != "gcs":  # fake-gcs-server ignores preconditions on compose (real GCS enforces them)
         with pytest.raises(ObjectChangedError):
-            store.complete(upload, [token], if_absent=True)  # the parts stay: complete can be called again
-    store.complete(upload, [token], if_version=store.head("cond/a.pt").version)
+            store.complete(upload, [token], Precondition())  # the parts stay: complete can be called again
+    store.complete(upload, [token], Precondition(store.head("cond/a.pt").version))
     assert store.head("cond/a.pt").size == PART
 
 

@@ -150,7 +150,7 @@ def test_failed_save_through_checkpoint_keeps_kept_list_and_objects(s3_client, s
     model = torch.nn.Linear(4, 4)
     ckpt = Checkpoint({"model": model}, saver, n_saved=1)
     ckpt.save(global_step=1)
-    monkeypatch.setattr(S3Store, "put", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("network down")))
+    monkeypatch.setattr(S3Store, "put", lambda *a: (_ for _ in ()).throw(ConnectionError("network down")))
     with pytest.raises(ConnectionError):
         ckpt.save(global_step=2)
     assert ckpt.state_dict() == {"_saved": [(1, "model_1.pt")]}

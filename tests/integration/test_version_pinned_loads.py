@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import torch
 
+from ckptcloud.download import download_to_file
 from ckptcloud.errors import IntegrityError, ObjectChangedError
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import MiB, Store
 from ckptcloud.stores.memory import MemoryStore
-from ckptcloud.streaming import download_to_file
 from tests.conftest import AZURITE_API_VERSION
 
 FAST = Retry(max_attempts=4, initial_backoff=0.001, deadline=30)

@@ -28,13 +28,13 @@ class GatedStore(MemoryStore):
         self.started = threading.Event()
         self.fail_next = False
 
-    def put(self, key, data, metadata, **conditions):
+    def put(self, key, data, metadata, when=None):
         self.started.set()
         assert self.gate.wait(10), "test forgot to open the gate"
         if self.fail_next:
             self.fail_next = False
             raise PermissionError("bucket policy changed")
-        super().put(key, data, metadata, **conditions)
+        super().put(key, data, metadata, when)
 
 
 @pytest.fixture

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import ckptcloud.serialization
+from ckptcloud.download import download_to_file
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
 from ckptcloud.stores.memory import MemoryStore
-from ckptcloud.streaming import PartWriter, download_to_file
+from ckptcloud.streaming import PartWriter
 
 PART = 64 * 1024
 CHUNK = 64 * 1024

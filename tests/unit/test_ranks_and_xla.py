@@ -85,7 +85,7 @@ def test_cpu_only_checkpoint_is_not_copied():
 
 def test_writer_failure_propagates_on_the_writing_rank(rank):
     class Failing(MemoryStore):
-        def put(self, key, data, metadata, **conditions):
+        def put(self, key, data, metadata, when=None):
             raise ConnectionError("store unreachable")
 
     rank(0)

@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
+from ckptcloud.download import download_to_file
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import NO_RETRY, Retry
 from ckptcloud.stores.base import MiB, StoreLimits
 from ckptcloud.stores.memory import MemoryStore
-from ckptcloud.streaming import PartWriter, choose_part_size, download_to_file
+from ckptcloud.streaming import PartWriter, choose_part_size
 
 PART = 64 * 1024
 
@@ -184,7 +185,7 @@ def test_transient_part_failures_are_retried_and_the_object_completes():
 
 def test_permanent_failures_are_not_retried():
     class Denied(MemoryStore):
-        def put(self, key, data, metadata, **conditions):
+        def put(self, key, data, metadata, when=None):
             self.requests.append("put")
             raise PermissionError("access denied")
 
@@ -277,11 +278,11 @@ from ckptcloud.stores.memory import MemoryStore
 
 class Flaky(MemoryStore):
     failed = False
-    def put(self, key, data, metadata, **conditions):
+    def put(self, key, data, metadata, when=None):
         if not self.failed:
             self.failed = True
             raise ConnectionResetError("reset")
-        super().put(key, data, metadata, **conditions)
+        super().put(key, data, metadata, when)
 
 saver = RemoteSaver(Flaky("b"), retry=Retry(initial_backoff=0.001))
 saver({"w": torch.ones(1)}, "x.pt")
