@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from ckptcloud import distributed
-from ckptcloud.stores.base import ObjectInfo
+from ckptcloud.contract import ObjectInfo
 
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf|nan)", re.IGNORECASE)

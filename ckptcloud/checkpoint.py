@@ -29,7 +29,8 @@ from ckptcloud._naming import Naming, check_name_arguments
 from ckptcloud._payload import state_dicts
 from ckptcloud._resume import Resume, as_priority, is_non_finite
 from ckptcloud.background import BackgroundWriter
-from ckptcloud.handlers import BaseSaveHandler, DiskSaver, is_save_handler, metadata_mode
+from ckptcloud.contract import BaseSaveHandler, is_save_handler, metadata_mode
+from ckptcloud.handlers import DiskSaver
 from ckptcloud.snapshot import snapshot
 
 logger = logging.getLogger("ckptcloud")

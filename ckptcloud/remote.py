@@ -18,11 +18,11 @@ import torch
 from ckptcloud import distributed, serialization
 from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
+from ckptcloud.contract import BaseSaveHandler, ObjectInfo, check_filename, is_valid_name
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import RunConflictError
-from ckptcloud.handlers import BaseSaveHandler, check_filename, is_valid_name
 from ckptcloud.retry import Retry
-from ckptcloud.stores.base import MiB, ObjectInfo, Store
+from ckptcloud.stores.base import MiB, Store
 from ckptcloud.streaming import PartWriter, Progress, choose_part_size
 
 DEFAULT_PART_SIZE = 16 * MiB

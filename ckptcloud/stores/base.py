@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ckptcloud.contract import ObjectInfo
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -24,19 +26,6 @@ class StoreLimits:
     max_part_size: int
     max_parts: int
     part_alignment: int = 1
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One stored object: key (relative to the bucket), size in bytes, last-modified timestamp, user metadata, and
-    ``version``: what ``read(..., version=...)`` pins a load to (S3/Azure ETag, GCS generation; ``head`` sets it,
-    listings may not)."""
-
-    key: str
-    size: int
-    last_modified: float | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    version: str | None = None
 
 
 @dataclass(frozen=True)
