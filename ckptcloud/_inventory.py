@@ -10,12 +10,13 @@ from urllib.parse import unquote
 
 from ckptcloud._resume import parse_priority
 
-_NUM, _INT = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"), re.compile(r"-?\d+")
+_INT = re.compile(r"-?\d+")
 
 
 def _number(text: str) -> float | None:
-    value = float(text) if _NUM.fullmatch(text) else math.nan
-    return value if math.isfinite(value) else None
+    """A finite number written as ``text`` (the one priority parser), else ``None``."""
+    value = parse_priority(text)
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:

@@ -163,18 +163,7 @@ def run_on_rank(rank: int, fn: Callable[[], T], what: str) -> T | None:
     board = _board()
     if board is None:
         return fn() if get_rank() == rank else None
-    step = board.next_step()
-    if board.rank != rank:
-        _raise_if_failed(board.read(step, rank, what), rank, what)
-        return None
-    try:
-        with board.busy():
-            result = fn()
-    except BaseException as err:
-        board.publish(step, what, error=err)
-        raise
-    board.publish(step, what)
-    return result
+    return _from_rank(board, rank, fn, what, publish=False)  # type: ignore[no-any-return]
 
 
 def agree(error: BaseException | None, rank: int, what: str) -> None:
@@ -196,24 +185,30 @@ def share(rank: int, fn: Callable[[], T], what: str) -> T:
     value, the writer included, so no rank holds a different type or rounding. Without a process group every rank
     computes ``fn()`` itself.
     """
+
+    def decoded() -> T:
+        return json.loads(json.dumps(fn()))  # type: ignore[no-any-return]
+
     board = _board()
     if board is None:
-        return json.loads(json.dumps(fn()))
+        return decoded()
+    return _from_rank(board, rank, decoded, what, publish=True)  # type: ignore[no-any-return]
+
+
+def _from_rank(board: Board, rank: int, fn: Callable[[], Any], what: str, *, publish: bool) -> Any:
+    """One coordinated step: ``rank`` runs ``fn`` (beating its heartbeat) and publishes the outcome, and its value
+    when ``publish``; every other rank waits for that record and returns its value, or raises its error."""
     step = board.next_step()
     if board.rank != rank:
         record = board.read(step, rank, what)
-        _raise_if_failed(record, rank, what)
-        return record["value"]  # type: ignore[no-any-return]
+        if record["error"] is not None:
+            raise RemoteSaveError(f"{what} failed on rank {rank}: {record['error']}")
+        return record["value"]
     try:
         with board.busy():
-            value = json.loads(json.dumps(fn()))
+            value = fn()
     except BaseException as err:
         board.publish(step, what, error=err)
         raise
-    board.publish(step, what, value=value)
-    return value  # type: ignore[no-any-return]
-
-
-def _raise_if_failed(record: dict[str, Any], rank: int, what: str) -> None:
-    if record["error"] is not None:
-        raise RemoteSaveError(f"{what} failed on rank {rank}: {record['error']}")
+    board.publish(step, what, value=value if publish else None)
+    return value

@@ -250,7 +250,7 @@ class PartWriter(io.RawIOBase):
         self._finish()
 
     def _publish(self, send: Callable[..., None], what: str) -> None:
-        """Make the object visible with ``send(**condition)``.
+        """Make the object visible with ``send(when)``, ``when`` a :class:`Precondition` or nothing.
 
         Without ``claim``, unconditionally. With it, as a new object (``Precondition()``); if one is already
         there, ``claim(its info)`` decides (it raises to refuse), and the write replaces exactly the version it
