@@ -108,6 +108,12 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Delete ``key``; a key that is already gone is not an error."""
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete every key in ``keys``; keys already gone are not errors. Stores with a batch delete (S3's
+        ``DeleteObjects``, 1,000 keys per request) override this; the default deletes one key at a time."""
+        for key in keys:
+            self.delete(key)
+
     @abstractmethod
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (metadata may be empty where listing does not return it)."""
