@@ -75,6 +75,9 @@ class RemoteSaver(BaseSaveHandler):
         part_size: bytes per uploaded part; raised automatically if a checkpoint would need too many parts.
         max_concurrency: parts uploaded at once. Peak extra memory is ``(max_concurrency + 1) * part_size``.
         require_empty: refuse a prefix that already holds ``*.pt`` objects.
+        check_bucket: check at construction that the bucket exists and is reachable (a one-item listing on GCS
+            and Azure, HeadBucket on S3). ``False`` for load-only use with credentials scoped to objects:
+            the object's own request then reports a missing object or denied access.
         save_on_rank: the one rank that uploads and deletes; every rank must call the handler.
         tmp_dir: folder for the temporary file a load downloads into (default: the system temp folder).
         retry: how each request is retried on transient failures (default :class:`~ckptcloud.retry.Retry()`:
@@ -104,6 +107,7 @@ class RemoteSaver(BaseSaveHandler):
         part_size: int = DEFAULT_PART_SIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         require_empty: bool = True,
+        check_bucket: bool = True,
         save_on_rank: int = 0,
         tmp_dir: str | None = None,
         retry: Retry | None = None,
@@ -136,7 +140,8 @@ class RemoteSaver(BaseSaveHandler):
         self.progress = progress
         self.kwargs = torch_save_kwargs
         if distributed.get_rank() == save_on_rank:
-            self.retry.call(store.check_bucket, f"checking {self.url('')}")
+            if check_bucket:
+                self.retry.call(store.check_bucket, f"checking {self.url('')}")
             if require_empty:
                 existing = self.list()
                 if existing:
