@@ -5,6 +5,8 @@
 #   --xla      also set up the torch_xla environment (torch 2.9.0 + torch-xla 2.9.0, ~4 GB once), collect tests/xla
 #   --minimal  run in .venv-min: torch, ckptcloud[all] and the test tools only (no numpy, no dev extras), so a
 #              runtime dependency that only the dev extra installs fails here instead of for users
+#   --floors   run in .venv-floor: each cloud SDK (and google-crc32c) at the lowest version pyproject.toml allows
+#              (scripts/floors.py), so a floor that is too low fails here instead of for users
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -22,6 +24,13 @@ case "${1:-}" in
       exit 1
     fi
     export CKPTCLOUD_MINIMAL_INSTALL=1
+    ;;
+  --floors)
+    shift
+    python3 scripts/floors.py > .floors.txt
+    py=$(CKPTCLOUD_VENV=.venv-floor CKPTCLOUD_CONSTRAINTS=.floors.txt bash scripts/bootstrap.sh all,test)
+    echo "test.sh: SDK floors: $(tr '\n' ' ' < .floors.txt)" >&2
+    "$py" -m pip check 1>&2
     ;;
   *)
     py=$(bash scripts/bootstrap.sh dev)

@@ -171,7 +171,17 @@ def azure_service(azure_endpoint: Emulator) -> object:
     return BlobServiceClient.from_connection_string(azure_endpoint.url, api_version=AZURITE_API_VERSION)
 
 
-AZURITE_API_VERSION = "2025-11-05"
+def _azurite_api_version() -> str:
+    """The newest storage REST version that both Azurite 3.35 (2025-11-05) and the installed SDK accept: the SDK
+    floors stage runs azure-storage-blob 12.19, which knows versions up to 2023-11-03 only."""
+    try:
+        from azure.storage.blob._serialize import _SUPPORTED_API_VERSIONS
+    except ImportError:
+        return "2025-11-05"
+    return min(_SUPPORTED_API_VERSIONS[-1], "2025-11-05")
+
+
+AZURITE_API_VERSION = _azurite_api_version()
 
 
 @pytest.fixture
