@@ -1,7 +1,8 @@
 """The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove and prune checkpoints.
 
 Exit codes: 0 ok; 1 the operation failed (integrity, load refused, transfer failed); 2 usage error, bad URL, unknown
-scheme or refused confirmation; 3 not found; 4 permission denied or missing credentials; 5 cannot reach the endpoint.
+scheme or refused confirmation; 3 not found (no such object, folder or bucket; ls found no checkpoints); 4 permission
+denied or missing credentials; 5 cannot reach the endpoint; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -63,23 +65,37 @@ class _Bar:
 
 
 # ------------------------------------------------------------------------------------- URLs, transfers
+def _parent(url: str) -> str:
+    """The folder URL of an object URL, with its trailing '/': ``s3://b/run/model_1.pt`` -> ``s3://b/run/``."""
+    return url.rstrip("/").rpartition("/")[0] + "/"
+
+
 def _folder_saver(url: str) -> Any:
     """The saver of a prefix URL that may already hold checkpoints; a missing local folder is not created."""
     scheme, _, path = split_url(url)
+    if scheme == "file" and Path(path).is_file():
+        raise CliError(3, f"{url} is a file, not a folder: its folder is {_parent(url)}")
     if scheme == "file" and not Path(path).is_dir():
         raise FileNotFoundError(f"no folder at {url}")
     return saver_from_url(url, require_empty=False, **({"create_dir": False} if scheme == "file" else {}))
 
 
 def _object(url: str, *, create: bool = False, must_exist: bool = True) -> tuple[Any, str]:
-    """``(saver of its folder, filename)`` for an object URL such as ``s3://bucket/prefix/model_3.pt``."""
+    """``(saver of its folder, filename)`` for an object URL such as ``s3://bucket/prefix/model_3.pt``.
+
+    With ``must_exist`` the object is HEADed, and the bucket is not checked: credentials scoped to the object (an
+    ``s3:GetObject`` policy on the prefix) suffice, and a missing or denied object is reported by its URL.
+    """
+    if url.endswith("/"):  # checked on the raw URL: split_url strips the trailing '/'
+        raise CliError(2, f"{url} names no object (it ends with '/'): give the object's name, e.g. {url}model_1.pt")
     scheme, bucket, key = split_url(url)
     folder, _, name = key.rpartition("/")
     if not name:
-        raise CliError(2, f"{url} names no object (it ends with '/')")
+        raise CliError(2, f"{url} names no object: give the object's name, e.g. {url}/model_1.pt")
     check_filename(name)
     if scheme != "file":
-        saver = saver_from_url(f"{scheme}://{bucket}/{folder}", require_empty=False)
+        options = {"require_empty": False, "check_bucket": not must_exist}  # a put still checks the bucket first
+        saver = saver_from_url(f"{scheme}://{bucket}/{folder}", **options)
         if must_exist:  # FileNotFoundError naming the URL
             saver.retry.call(lambda: saver.store.head(saver.key(name)), f"reading {url}")
         return saver, name
@@ -153,8 +169,25 @@ def _confirm(question: str, yes: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- commands
+def _nothing_to_list(saver: Any, url: str) -> str:
+    """Why ``ls`` lists nothing: the URL names an object rather than a prefix, or no checkpoint is stored there."""
+    if not isinstance(saver, DiskSaver) and saver.prefix:
+        try:  # a hint only: one HEAD, sent when the listing is empty
+            saver.retry.call(lambda: saver.store.head(saver.prefix), f"reading {url}")
+        except (OSError, CkptcloudError):  # no object, no right to read it, unreachable: the plain message stands
+            pass
+        else:
+            return f"{url.rstrip('/')} is an object, not a prefix: list its folder {_parent(url)}"
+    return f"no checkpoints under {url.rstrip('/')}/"
+
+
 def _ls(args: argparse.Namespace) -> None:
-    rows = listing_rows(_folder_saver(args.url))
+    saver = _folder_saver(args.url)
+    rows = listing_rows(saver)
+    if not rows:
+        if args.json:
+            print("[]")  # stdout stays valid JSON; the exit code says nothing was found
+        raise CliError(3, _nothing_to_list(saver, args.url))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -168,6 +201,9 @@ def _ls(args: argparse.Namespace) -> None:
 
 
 def _get(args: argparse.Namespace) -> None:
+    if args.dest == "-":
+        _get_to_stdout(args)
+        return
     (saver, name), dest, start = _object(args.url), Path(args.dest), time.monotonic()
     dest = dest / name if dest.is_dir() else dest
     if not dest.parent.is_dir():
@@ -178,6 +214,29 @@ def _get(args: argparse.Namespace) -> None:
     except IntegrityError as err:
         raise CliError(1, f"{err}; {dest} was not written") from err
     print(f"{args.url} -> {dest} ({_human(size)}, {time.monotonic() - start:.1f} s): {check}")
+
+
+def _get_to_stdout(args: argparse.Namespace) -> None:
+    """``get URL -``: the checkpoint's bytes on stdout and nothing else, once its integrity is checked."""
+    if sys.stdout.isatty():
+        raise CliError(2, f"not writing the binary checkpoint {args.url} to a terminal: redirect (> FILE) or pipe it")
+    (saver, name), start = _object(args.url), time.monotonic()
+    with tempfile.TemporaryFile(prefix="ckptcloud-") as file:  # checked whole before any byte reaches stdout
+        size = _download(saver, name, file, _Bar("get", args.quiet))
+        try:
+            check = _integrity(file, args.url)
+        except IntegrityError as err:
+            raise CliError(1, f"{err}; nothing was written to stdout") from err
+        file.seek(0)
+        sys.stdout.flush()
+        try:
+            shutil.copyfileobj(file, sys.stdout.buffer, 8 * MiB)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError as err:  # the reader went away (e.g. `| head -c`): no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise CliError(1, f"stdout was closed before all of {args.url} was written to it") from err
+    elapsed = time.monotonic() - start
+    print(f"{args.url} -> stdout ({_human(size)}, {elapsed:.1f} s): {check}", file=sys.stderr)
 
 
 def _put(args: argparse.Namespace) -> None:
@@ -226,8 +285,12 @@ def _prune(args: argparse.Namespace) -> None:
         print("nothing deleted" + (" (dry run)" if args.dry_run else ""))
         return
     _confirm(f"delete {len(drop)} checkpoint(s) under {args.url}", args.yes)
-    for row in drop:
-        saver.remove(row["name"])
+    names = [row["name"] for row in drop]
+    if callable(getattr(saver, "remove_many", None)):
+        saver.remove_many(names)  # S3: one DeleteObjects request per 1,000 checkpoints
+    else:
+        for name in names:
+            saver.remove(name)
     print(f"deleted {len(drop)} checkpoint(s), kept {len(keep)}")
 
 
@@ -260,6 +323,7 @@ def _count(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     epilog = __doc__.split("\n\n")[1]
     parser = argparse.ArgumentParser(prog="ckptcloud", description="Manage checkpoints in storage.", epilog=epilog)
+    parser.add_argument("--version", action="version", version=f"ckptcloud {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, run: Callable[[argparse.Namespace], None], text: str, *positional: str) -> Any:
@@ -271,7 +335,13 @@ def _parser() -> argparse.ArgumentParser:
 
     add("ls", _ls, "list the checkpoints under URL", "url").add_argument("--json", action="store_true")
     for cmd in (
-        add("get", _get, "download one object to DEST (atomic, integrity checked)", "url", "dest"),
+        add(
+            "get",
+            _get,
+            "download one object to DEST, a file or folder, or '-' for stdout (integrity checked)",
+            "url",
+            "dest",
+        ),
         add("put", _put, "upload a local file as the object at URL (streamed in parts)", "src", "url"),
         add("verify", _verify, "check the integrity trailer, then torch.load(weights_only=True)", "url"),
     ):
@@ -292,6 +362,18 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS", help="default: 3600")
     sub.add_parser("demo", help="train, checkpoint to a local S3 server, restore (see 'ckptcloud demo -h')")
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version, else the package's ``__version__`` (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptcloud")
+    except PackageNotFoundError:
+        import ckptcloud
+
+        return str(getattr(ckptcloud, "__version__", "unknown"))
 
 
 def _exit_code(err: BaseException) -> int:

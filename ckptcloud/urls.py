@@ -78,14 +78,22 @@ def load_checkpoint(source: str | Path, *, map_location: Any = "cpu", weights_on
 
     The tensors are copied into ordinary memory (no ``mmap``): they usually go on to live in a model or an
     optimizer for the rest of the run, which would otherwise keep the temporary download mapped as long.
+
+    A URL load sends only requests on the object itself (HEAD, then GET): no bucket check and no listing, so
+    credentials that may read just the object (an S3 ``s3:GetObject`` policy on the prefix) are enough. A missing
+    object raises ``FileNotFoundError`` and a denied one ``PermissionError``, both naming the object's URL.
     """
     if isinstance(source, str) and "://" in source:
         scheme, bucket, key = split_url(source)
         if scheme == "file":
             source = key
         else:
+            if source.endswith("/") or not key:
+                raise ValueError(
+                    f"{source} names no object: give the checkpoint's URL, e.g. {scheme}://{bucket}/run/model_1.pt"
+                )
             folder, _, filename = key.rpartition("/")
-            saver = _saver_class(scheme)(bucket, folder, require_empty=False)
+            saver = _saver_class(scheme)(bucket, folder, require_empty=False, check_bucket=False)
             return saver.load(
                 check_filename(filename), map_location=map_location, weights_only=weights_only, mmap=False
             )
