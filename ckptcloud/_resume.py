@@ -6,17 +6,22 @@ saved with each object (exact), else from the filename (the score's 4-decimal te
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 import numbers
 import operator
 import re
 import string
+import warnings
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
 from ckptcloud import distributed
-from ckptcloud.contract import ObjectInfo
+from ckptcloud.contract import ObjectInfo, is_save_handler
+
+logger = logging.getLogger("ckptcloud")
 
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf|nan)", re.IGNORECASE)
@@ -155,15 +160,38 @@ class Resume:
                 f"resume needs a save handler that can list what it stored (DiskSaver, S3Saver, ...), "
                 f"but given {type(self.save_handler)}"
             )
+        regexes = self._filename_regexes()
+
+        def mine(name: str) -> bool:  # names this checkpoint cannot have written are never read (no HEAD) nor touched
+            return any(regex.fullmatch(name) for regex in regexes)
+
+        def listing() -> dict[str, dict[str, Any]]:
+            return encode_listing(describe(select=mine) if _takes_select(describe) else describe())
+
         # The writing rank lists; every rank gets its listing, or raises its error.
-        listing = distributed.share(self.save_on_rank, lambda: encode_listing(describe()), "listing checkpoints")
-        stored = {name: ObjectInfo(**info) for name, info in listing.items()}
-        items = self._adopt_run(self._matching_items(stored), stored)
+        shared = distributed.share(self.save_on_rank, listing, "listing checkpoints")
+        stored = {name: ObjectInfo(**info) for name, info in shared.items()}
+        items = self._adopt_run(self._matching_items(stored, regexes), stored)
         extra = len(items) - self.n_saved if self.n_saved is not None else 0
         self._saved = items[max(extra, 0) :]
-        for item in items[: max(extra, 0)]:
-            self._remove(item.filename)
+        self._remove_surplus([item.filename for item in items[: max(extra, 0)]])
         return list(self._saved)
+
+    def _remove_surplus(self, filenames: list[str]) -> None:
+        """Delete what resume found beyond ``n_saved``: in one batch where the save handler has ``remove_many``
+        (ckptcloud's remote savers), else one at a time (``DiskSaver``, ignite's savers). A failure is warned."""
+        remove_many = getattr(self.save_handler, "remove_many", None)
+        if len(filenames) < 2 or not callable(remove_many) or not is_save_handler(self.save_handler):
+            for filename in filenames:
+                self._remove(filename)  # type: ignore[attr-defined]
+            return
+        try:
+            remove_many(filenames)
+        except Exception as err:  # the kept checkpoints are safe; surplus old files are the lesser harm
+            shown = ", ".join(repr(f) for f in filenames[:3]) + (" ..." if len(filenames) > 3 else "")
+            message = f"could not remove {len(filenames)} surplus checkpoint(s) found on resume ({shown}): {err}"
+            logger.warning("%s", message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _adopt_run(self, items: list[Any], stored: Mapping[str, ObjectInfo]) -> list[Any]:
         """Continue the run that wrote ``items``: take its run id, or keep only the given ``run_id``'s checkpoints.
@@ -187,8 +215,8 @@ class Resume:
             self.run_id = runs[0]
         return items
 
-    def _matching_items(self, stored: Mapping[str, ObjectInfo]) -> list[Any]:
-        name, basename = self._name(), self._basename()
+    def _filename_regexes(self) -> list[re.Pattern[str]]:
+        """One regex per filename pattern this checkpoint can write (its prefix, name, score name and ``ext``)."""
         if self.filename_pattern:
             patterns = [self.filename_pattern]
         else:  # what _plan can produce: with or without a step; a score when ranked by one or given to save()
@@ -201,8 +229,17 @@ class Resume:
                 for step in (True, False)
                 if step or with_score
             ]
-        known = {"filename_prefix": self.filename_prefix, "ext": self.ext, "name": name, "score_name": self.score_name}
-        regexes = [pattern_regex(pattern, known) for pattern in patterns]
+        known = {
+            "filename_prefix": self.filename_prefix,
+            "ext": self.ext,
+            "name": self._name(),
+            "score_name": self.score_name,
+        }
+        return [pattern_regex(pattern, known) for pattern in patterns]
+
+    def _matching_items(self, stored: Mapping[str, ObjectInfo], regexes: list[re.Pattern[str]]) -> list[Any]:
+        """The stored checkpoints this checkpoint wrote (by filename, and basename where saved), lowest first."""
+        basename = self._basename()
         items = []
         for filename, info in stored.items():
             metadata = info.metadata
@@ -216,6 +253,15 @@ class Resume:
                 continue
             items.append(self.Item(priority, filename))
         return sorted(items, key=lambda item: item.priority)
+
+
+def _takes_select(describe: Any) -> bool:
+    """Whether a save handler's ``describe`` takes ``select=`` (ckptcloud's remote savers; not every handler)."""
+    try:
+        parameters = inspect.signature(describe).parameters
+    except (TypeError, ValueError):
+        return False
+    return "select" in parameters
 
 
 def is_non_finite(value: Any) -> bool:

@@ -8,8 +8,10 @@ time, as ``torch.save`` reaches them) -> commit once or abort -> every rank lear
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -210,6 +212,23 @@ class RemoteSaver(BaseSaveHandler):
         what = f"removing {self.url(filename)}"
         distributed.run_on_rank(self.save_on_rank, lambda: self.retry.call(lambda: self.store.delete(key), what), what)
 
+    def remove_many(self, filenames: Iterable[str]) -> None:
+        """Remove several checkpoints in as few requests as the store allows (S3: 1,000 keys per request).
+
+        Like :meth:`remove`: call it on every rank, ``save_on_rank`` deletes; names already gone are not errors.
+        """
+        names = list(filenames)
+        if not names:
+            return
+        keys = [self.key(name) for name in names]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        what = f"removing {len(keys)} checkpoint(s) under {self.url('')} ({shown})"
+
+        def delete() -> None:
+            self.retry.call(lambda: self.store.delete_many(keys), what)
+
+        distributed.run_on_rank(self.save_on_rank, delete, what)
+
     # ------------------------------------------------------------------------------------- read and list
     @property
     def _base(self) -> str:
@@ -224,19 +243,63 @@ class RemoteSaver(BaseSaveHandler):
         infos = ((info.key[len(self._base) :], info) for info in listed)
         return {name: info for name, info in infos if name.endswith(".pt") and "/" not in name and is_valid_name(name)}
 
-    def describe(self) -> dict[str, ObjectInfo]:
-        """Each ``*.pt`` checkpoint directly under the prefix: size, time and the metadata saved with it.
+    def describe(self, select: Callable[[str], bool] | None = None) -> dict[str, ObjectInfo]:
+        """Each ``*.pt`` checkpoint directly under the prefix: size, time and the metadata saved with it, by name.
 
         The metadata holds the exact priority, score name and basename (percent-encoded text), as used by
         :meth:`ckptcloud.Checkpoint.resume` and the ``ckptcloud`` command. Stores whose listing omits metadata
-        (S3) cost one HEAD request per checkpoint.
+        (S3) cost one HEAD request per checkpoint, ``max_concurrency`` at a time.
+
+        Args:
+            select: only names for which ``select(name)`` is true are described (and HEADed): resume passes its
+                filename pattern, so foreign objects cost nothing.
+
+        An object deleted between the listing and its HEAD is left out.
         """
-        out = {}
-        for name, info in sorted(self._checkpoints().items()):
-            if not info.metadata:
-                info = self.retry.call(lambda k=info.key: self.store.head(k), f"reading {self.url(name)}")
-            out[name] = info
+        listed = sorted((name, info) for name, info in self._checkpoints().items() if select is None or select(name))
+        out = dict(listed)
+        bare = [name for name, info in listed if not info.metadata]
+        for name, info in zip(bare, self._head_all([out[name].key for name in bare]), strict=True):
+            if info is None:
+                del out[name]
+            else:
+                out[name] = info
         return out
+
+    def _head_all(self, keys: list[str]) -> list[ObjectInfo | None]:
+        """HEAD every key, ``max_concurrency`` at a time, each retried on its own; ``None`` for a key now gone.
+
+        The first failure (other than a missing object) stops the HEADs not yet started and is raised once the
+        ones in flight have returned.
+        """
+        cancel = threading.Event()
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+
+        def head(key: str) -> ObjectInfo | None:
+            try:
+                return self.retry.call(lambda: self.store.head(key), f"reading {self.store.url(key)}", cancel)
+            except FileNotFoundError:  # deleted since it was listed
+                return None
+            except BaseException as err:
+                with lock:
+                    if not cancel.is_set():  # the first failure; the HEADs it stops raise CancelledError
+                        failures.append(err)
+                    cancel.set()
+                raise
+
+        if len(keys) <= 1 or self.max_concurrency == 1:
+            return [head(key) for key in keys]
+        executor = ThreadPoolExecutor(min(self.max_concurrency, len(keys)), thread_name_prefix="ckptcloud-head")
+        try:
+            futures = [executor.submit(head, key) for key in keys]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:  # on a failure or Ctrl-C: start no further HEAD, wait for the ones in flight
+            cancel.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+        if failures:
+            raise failures[0]
+        return [future.result() for future in futures]
 
     def cleanup_incomplete(self, older_than: float = 3600.0) -> list[str]:
         """Discard uploads under the prefix that a killed process left incomplete; returns what was discarded.

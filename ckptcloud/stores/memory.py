@@ -128,6 +128,14 @@ class MemoryStore(Store):
             self.objects.pop(key, None)
             self._versions.pop(key, None)
 
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete every key in one request, like S3's ``DeleteObjects`` (logged once as ``delete_many``)."""
+        self._log("delete_many")
+        with self._lock:
+            for key in keys:
+                self.objects.pop(key, None)
+                self._versions.pop(key, None)
+
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
         with self._lock:
             return [
