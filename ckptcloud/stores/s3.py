@@ -5,33 +5,30 @@ by :mod:`ckptcloud.checksum` in the part's worker thread), which the server chec
 a mismatch (``BadDigest``) is retried from the pipeline's buffer. That makes botocore's own per-request work
 redundant, so :func:`make_s3_client` turns it off: its CRC32 of every body (~0.5 CPU-s/GiB) and, over plain HTTP,
 its SHA-256 payload signature (~1 CPU-s/GiB, and as much again on the server). Headers are still signed.
+
+Time bounds: the clients :func:`make_s3_client` builds do not retry (the pipeline's ``Retry`` does, so its attempts
+and deadline bound the whole call), and metadata requests (HeadBucket, HeadObject, listings, deletes, abort) wait
+:data:`~ckptcloud.stores.s3_client.METADATA_READ_TIMEOUT` for an answer, data requests
+:data:`~ckptcloud.stores.s3_client.DATA_READ_TIMEOUT` (see :mod:`ckptcloud.stores.s3_client`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.checksum import crc32c_base64
-from ckptcloud.errors import ObjectChangedError, TransientError
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
+from ckptcloud.stores.s3_args import split_extra_args
+from ckptcloud.stores.s3_client import make_s3_client, metadata_client_for
+from ckptcloud.stores.s3_errors import MISSING_KEY, UploadGoneError, delete_error, error_code, multipart_etag
+from ckptcloud.stores.s3_errors import s3_errors as _s3_errors
 
-_MISSING_BUCKET = {"NoSuchBucket"}
-_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AllAccessDisabled",
-}
-# BadDigest: the bytes the server got do not match their CRC32C (damaged in transit); resent from our buffer.
-_TRANSIENT = {
-    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "503", "500", "BadDigest",
-}  # fmt: skip
-_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict")  # a failed conditional request
+__all__ = ["S3Store", "make_s3_client"]
+
+DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
+logger = logging.getLogger("ckptcloud")
 
 
 def _body(data: memoryview) -> bytes | bytearray:
@@ -45,6 +42,16 @@ def _body(data: memoryview) -> bytes | bytearray:
 class S3Store(Store):
     """One S3 bucket through a boto3 client (the client is thread-safe and shared by the part uploads).
 
+    Args:
+        client: a boto3 S3 client, for data requests (and for all requests unless it came from
+            :func:`make_s3_client`, which pairs it with a metadata client of shorter read timeout).
+        bucket: the bucket's name.
+        extra_args: upload arguments for every checkpoint, e.g. ``{"ServerSideEncryption": "aws:kms"}``. Each
+            request gets those its operation accepts: SSE-C keys also go to every part, complete, HEAD and GET;
+            ``RequestPayer`` and ``ExpectedBucketOwner`` to every request. Keys ckptcloud sets itself
+            (``Metadata``, checksums, ...) and keys that are not upload arguments raise ``ValueError`` here.
+        metadata_client: the client for HEAD, list, delete and abort requests (default: see ``client``).
+
     Example:
         >>> import boto3
         >>> S3Store(boto3.client("s3", region_name="us-east-1"), "my-bucket").url("runs/a.pt")
@@ -54,44 +61,23 @@ class S3Store(Store):
     scheme = "s3"
     limits = StoreLimits(min_part_size=5 * MiB, max_part_size=5 * GiB, max_parts=10_000)
 
-    def __init__(self, client: Any, bucket: str, *, extra_args: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, client: Any, bucket: str, *, extra_args: Mapping[str, Any] | None = None, metadata_client: Any = None
+    ) -> None:
+        self._args = split_extra_args(client.meta.service_model if extra_args else None, extra_args)
         self.client = client
+        self.metadata_client = metadata_client or metadata_client_for(client)
         self.bucket = bucket
         self.extra_args = dict(extra_args or {})
-        if any(name.startswith("Checksum") for name in self.extra_args):
-            raise ValueError(
-                "Argument `extra_args` should not set checksums: every part already carries its CRC32C, "
-                f"but given {sorted(n for n in self.extra_args if n.startswith('Checksum'))}"
-            )
 
-    @contextlib.contextmanager
-    def _errors(self, what: str, key: str = "") -> Iterator[None]:
-        """Translate SDK errors into builtins that name the bucket/key (never credentials)."""
-        from botocore import exceptions as boto
-
+    def _errors(self, what: str, key: str = "", client: Any = None) -> Any:
+        """Translate SDK errors into builtins that name the bucket/key and the endpoint (never credentials)."""
         target = self.url(key) if key else f"s3://{self.bucket}"
-        try:
-            yield
-        except boto.ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in _MISSING_BUCKET or (code in _MISSING_KEY and not key):
-                raise FileNotFoundError(f"S3 bucket {self.bucket!r} does not exist ({what})") from err
-            if code in _MISSING_KEY:
-                raise FileNotFoundError(f"no object at {target} ({what})") from err
-            if code in _DENIED:
-                raise PermissionError(f"access denied to {target} ({what}): {code}") from err
-            if code in _CONDITION_FAILED or status == 412:  # a conditional request: the object is another version
-                raise ObjectChangedError(f"{target} is not the version expected ({what}): its ETag changed") from err
-            if code in _TRANSIENT or status >= 500:
-                raise TransientError(f"S3 answered {code or status} for {target} ({what})") from err
-            raise
-        except (boto.ConnectionError, boto.HTTPClientError, boto.ResponseStreamingError) as err:
-            raise TransientError(f"cannot reach the S3 endpoint for {target} ({what}): {err}") from err
+        return _s3_errors(client or self.client, self.bucket, target, what, on_key=bool(key))
 
     def check_bucket(self) -> None:
-        with self._errors("checking the bucket"):
-            self.client.head_bucket(Bucket=self.bucket)
+        with self._errors("checking the bucket", client=self.metadata_client):
+            self.metadata_client.head_bucket(Bucket=self.bucket, **self._args["HeadBucket"])
 
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         with self._errors("put", key):
@@ -102,13 +88,14 @@ class S3Store(Store):
                 ChecksumCRC32C=crc32c_base64(data),
                 Metadata=dict(metadata),
                 **_conditions(when),
-                **self.extra_args,
+                **self._args["PutObject"],
             )
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
+        args = self._args["CreateMultipartUpload"]
         with self._errors("starting a multipart upload", key):
             response = self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=key, Metadata=dict(metadata), ChecksumAlgorithm="CRC32C", **self.extra_args
+                Bucket=self.bucket, Key=key, Metadata=dict(metadata), ChecksumAlgorithm="CRC32C", **args
             )
         return key, response["UploadId"]
 
@@ -123,36 +110,67 @@ class S3Store(Store):
                 PartNumber=number,
                 Body=_body(data),
                 ChecksumCRC32C=checksum,
+                **self._args["UploadPart"],
             )
         return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32C": checksum}
 
     def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
+        """Publish the upload. A ``NoSuchUpload`` answer (some servers give it to a retried complete whose first
+        response was lost) is accepted when the object at the key has the ETag these parts make."""
+        from botocore.exceptions import ClientError
+
         key, upload_id = upload
         with self._errors("completing the multipart upload", key):
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-                **_conditions(when),
-            )
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **_conditions(when),
+                    **self._args["CompleteMultipartUpload"],
+                )
+                return
+            except ClientError as err:
+                if error_code(err) != "NoSuchUpload":
+                    raise
+                gone = err
+        expected = multipart_etag(parts)
+        try:
+            found = self.head(key).version
+        except FileNotFoundError:
+            found = None
+        if expected is not None and found is not None and found.strip('"') == expected.strip('"'):
+            logger.info("%s was already completed (NoSuchUpload on a repeat): its ETag is the upload's", self.url(key))
+            return
+        there = "no object is there" if found is None else f"the object there has ETag {found}"
+        raise UploadGoneError(
+            f"the multipart upload to {self.url(key)} no longer exists (NoSuchUpload) and {there}, not the ETag "
+            f"{expected or '(unknown)'} of its parts: the upload was aborted (cleanup_incomplete, a lifecycle rule "
+            "or another process) or expired. Nothing was saved; save again."
+        ) from gone
 
     def abort(self, upload: Any) -> None:
+        from botocore.exceptions import ClientError
+
         key, upload_id = upload
-        with self._errors("aborting the multipart upload", key):
+        with self._errors("aborting the multipart upload", key, self.metadata_client):
             try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except self.client.exceptions.NoSuchUpload:
-                pass
+                self.metadata_client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, **self._args["AbortMultipartUpload"]
+                )
+            except ClientError as err:
+                if error_code(err) != "NoSuchUpload":
+                    raise
 
     def head(self, key: str) -> ObjectInfo:
-        with self._errors("reading the metadata", key):
-            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+        with self._errors("reading the metadata", key, self.metadata_client):
+            meta = self.metadata_client.head_object(Bucket=self.bucket, Key=key, **self._args["HeadObject"])
         modified = meta["LastModified"].timestamp()
         return ObjectInfo(key, int(meta["ContentLength"]), modified, meta.get("Metadata", {}), meta.get("ETag"))
 
     def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, **self._args["GetObject"]}
         if start or end is not None:
             args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if version is not None:
@@ -162,21 +180,35 @@ class S3Store(Store):
             yield from body.iter_chunks(chunk_size=1 * MiB)
 
     def delete(self, key: str) -> None:
-        with self._errors("deleting", key):
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+        with self._errors("deleting", key, self.metadata_client):
+            self.metadata_client.delete_object(Bucket=self.bucket, Key=key, **self._args["DeleteObject"])
+
+    def delete_many(self, keys: list[str]) -> None:
+        """``DeleteObjects``, 1,000 keys per request (on the data client: a batch can take seconds)."""
+        keys = list(keys)
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            objects = {"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            with self._errors(f"deleting {len(batch)} objects"):
+                response = self.client.delete_objects(Bucket=self.bucket, Delete=objects, **self._args["DeleteObjects"])
+            failed = [e for e in response.get("Errors", []) if e.get("Code") not in MISSING_KEY]
+            if failed:
+                raise delete_error([(self.url(str(e.get("Key"))), str(e.get("Code"))) for e in failed], len(keys))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
-        with self._errors("listing", prefix):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+        pages = self.metadata_client.get_paginator("list_objects_v2")
+        with self._errors("listing", prefix, self.metadata_client):
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix, **self._args["ListObjectsV2"]):
                 for obj in page.get("Contents", []):
                     out.append(ObjectInfo(obj["Key"], int(obj["Size"]), obj["LastModified"].timestamp()))
         return out
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
         out: list[IncompleteUpload] = []
-        with self._errors("listing incomplete uploads", prefix):
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+        pages = self.metadata_client.get_paginator("list_multipart_uploads")
+        with self._errors("listing incomplete uploads", prefix, self.metadata_client):
+            for page in pages.paginate(Bucket=self.bucket, Prefix=prefix, **self._args["ListMultipartUploads"]):
                 for u in page.get("Uploads", []):
                     if "/" not in u["Key"][len(prefix) :]:  # not other runs' uploads in sub-folders
                         out.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
@@ -188,35 +220,3 @@ def _conditions(when: Precondition | None) -> dict[str, str]:
     if when is None:
         return {}
     return {"IfNoneMatch": "*"} if when.version is None else {"IfMatch": when.version}
-
-
-def make_s3_client(
-    *, endpoint_url: str | None = None, region_name: str | None = None, max_concurrency: int = 10
-) -> Any:
-    """A boto3 S3 client from the standard credential chain (env, profile, SSO, instance/role).
-
-    A custom endpoint (argument, or boto3's ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) gets path-style
-    addressing, which MinIO, SeaweedFS and most S3-compatible servers need.
-    """
-    import os
-
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError as err:
-        raise ImportError("S3Saver needs boto3: pip install ckptcloud[s3]") from err
-
-    custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    s3: dict[str, Any] = {"payload_signing_enabled": False}  # each body carries its CRC32C instead (see above)
-    if custom_endpoint:
-        s3["addressing_style"] = "path"
-    config = Config(
-        max_pool_connections=max(10, max_concurrency + 2),
-        retries={"mode": "standard", "max_attempts": 3},  # inside each of the pipeline's own attempts
-        connect_timeout=10,
-        read_timeout=120,
-        s3=s3,
-        request_checksum_calculation="when_required",  # we send CRC32C ourselves; no second checksum per body
-        response_checksum_validation="when_required",  # whole checkpoints are verified by their trailer on load
-    )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
