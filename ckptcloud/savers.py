@@ -107,11 +107,17 @@ class AzureBlobSaver(RemoteSaver):
             or ``account_url`` (may hold a SAS) + ``credential`` (default ``DefaultAzureCredential()``, from
             azure-identity), or the environment (see :func:`make_container_client`). Credentials never appear in
             a repr, a log line or an error message. A client you pass keeps its own settings (connection pool,
-            download chunk size ``max_chunk_get_size``; its first ranged GET is ``max_single_get_size``).
+            download chunk size ``max_chunk_get_size``, timeouts, retries; its first ranged GET is
+            ``max_single_get_size``). A container SAS needs the permissions ``rwdl`` for everything ckptcloud does:
+            ``l`` to check the container and list, ``w`` to save, ``d`` for retention, ``r`` to load (and to save
+            over an existing name). A read SAS for one blob loads it with ``check_bucket=False, require_empty=False``.
         api_version: the storage REST version, e.g. ``"2025-11-05"`` for Azurite 3.35.
+        encryption_scope: an encryption scope of the account, named on every write (uploads, blocks, commits).
+        cpk: a customer-provided key, ``azure.storage.blob.CustomerProvidedEncryptionKey(key_value, key_hash)``,
+            sent with every write and read (the SDK sends it over HTTPS only). Not both.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            ``check_bucket``, ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
             Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
 
     Example:
@@ -129,6 +135,8 @@ class AzureBlobSaver(RemoteSaver):
         account_url: str | None = None,
         credential: Any = None,
         api_version: str | None = None,
+        encryption_scope: str | None = None,
+        cpk: Any = None,
         **options: Any,
     ) -> None:
         check_bucket_name(container, "container")
@@ -145,4 +153,5 @@ class AzureBlobSaver(RemoteSaver):
             raise ValueError(
                 f"Argument `container_client` is for container {container_client.container_name!r}, not {container!r}"
             )
-        super().__init__(AzureBlobStore(container_client), prefix, **options)
+        store = AzureBlobStore(container_client, encryption_scope=encryption_scope, cpk=cpk)
+        super().__init__(store, prefix, **options)

@@ -6,26 +6,37 @@ nothing: abandoned blocks are never visible (not listed, not readable), are drop
 the same name, and are garbage-collected by Azure after 7 days. Block ids are ``f"{upload_id}-{n:06d}"`` (the SDK
 base64-encodes them) with a random ``upload_id`` per upload: equal length, as Azure requires, never mixed across
 uploads.
+
+Least privilege: every request works with a container SAS (the container check is a one-item listing, which a
+SAS with ``l`` allows; Get Container Properties is allowed to no container SAS), and a load works with a read SAS
+for one blob when the saver skips the container check. Errors never chain the SDK's exception (its text carries
+the SAS): see :mod:`ckptcloud.stores.azure_errors`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
-from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.stores import azure_errors as ops
+from ckptcloud.stores.azure_client import make_container_client
 from ckptcloud.stores.base import MiB, ObjectInfo, Precondition, Store, StoreLimits
+
+__all__ = ["AzureBlobStore", "make_container_client"]
 
 # Each downloaded chunk is one ranged GET that the SDK buffers whole: 4 MiB (the SDK's own chunk size) bounds a
 # load to max_concurrency * 4 MiB in flight while keeping per-request latency a small share of the transfer.
 READ_CHUNK_SIZE = 4 * MiB
 MAX_BLOCK_SIZE = 4000 * MiB
+# Seconds. Metadata requests (the container check, HEAD, listing, delete) answer at once on a healthy service:
+# their short read timeout bounds a hung endpoint (accepts TCP, never answers) to about 6 x 20 s under the default
+# Retry. Blocks and downloads keep 120 s per read (the clients ckptcloud builds; a client you pass keeps its own).
+CONNECT_TIMEOUT = 10
+METADATA_READ_TIMEOUT = 20
+DATA_READ_TIMEOUT = 120
 
-
-_CONDITION_FAILED = ("ConditionNotMet", "BlobAlreadyExists")  # what a failed conditional request answers
+T = TypeVar("T")
 
 
 def _conditions(when: Precondition | None) -> dict[str, Any]:
@@ -39,8 +50,35 @@ def _conditions(when: Precondition | None) -> dict[str, Any]:
     return {"etag": when.version, "match_condition": MatchConditions.IfNotModified}
 
 
+def _encryption_options(encryption_scope: str | None, cpk: Any, endpoint: str) -> tuple[dict, dict]:
+    """The SDK keywords for writes (scope or key) and for reads (the key only), after checking the arguments."""
+    if encryption_scope is not None and (not isinstance(encryption_scope, str) or not encryption_scope):
+        raise ValueError(f"Argument `encryption_scope` should be a non-empty str, but given {encryption_scope!r}")
+    if cpk is None:
+        return ({"encryption_scope": encryption_scope} if encryption_scope else {}), {}
+    if not isinstance(getattr(cpk, "key_value", None), str) or not getattr(cpk, "key_hash", None):
+        raise TypeError(
+            "Argument `cpk` should be an azure.storage.blob.CustomerProvidedEncryptionKey(key_value, key_hash), "
+            f"but given {type(cpk).__name__}"
+        )
+    if encryption_scope:
+        raise ValueError("Pass either `encryption_scope` or `cpk`, not both: Azure encrypts a blob with one key")
+    if not endpoint.startswith("https://"):
+        raise ValueError(
+            f"Argument `cpk` needs an https:// endpoint, but the client's is {endpoint}: the Azure SDK never sends "
+            "an encryption key over http"
+        )
+    return {"cpk": cpk}, {"cpk": cpk}
+
+
 class AzureBlobStore(Store):
     """One Azure container through a ``ContainerClient`` (thread-safe, shared by the block uploads).
+
+    Args:
+        client: the ``ContainerClient``.
+        encryption_scope: the encryption scope every write names (``x-ms-encryption-scope``); reads need nothing.
+        cpk: a ``CustomerProvidedEncryptionKey`` sent with every write and read (HTTPS only: the SDK refuses it
+            over http). Listings then carry no metadata, so resume reads it with one HEAD per checkpoint.
 
     Example:
         >>> from azure.storage.blob import ContainerClient
@@ -53,51 +91,41 @@ class AzureBlobStore(Store):
     # pipeline raises part_size past 50,000 blocks); blocks over 4 MiB also get Azure's high-throughput path.
     limits = StoreLimits(min_part_size=1 * MiB, max_part_size=MAX_BLOCK_SIZE, max_parts=50_000)
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, encryption_scope: str | None = None, cpk: Any = None) -> None:
         self.client = client
         self.bucket = str(client.container_name)
+        self.endpoint = ops.endpoint_of(client)
+        self._secrets = ops.secrets_in(client, cpk)
+        self._writes, self._reads = _encryption_options(encryption_scope, cpk, self.endpoint)
 
-    @contextlib.contextmanager
-    def _errors(self, what: str, key: str = "") -> Iterator[None]:
-        """Translate SDK errors into builtins that name the container/blob (never credentials or SAS tokens)."""
-        from azure.core import exceptions as az
+    def _call(self, op: ops.Operation, key: str | None, fn: Callable[..., T], detail: str = "") -> T:
+        """``fn(**timeout)``, with SDK errors translated (see :func:`ckptcloud.stores.azure_errors.translate`).
 
-        target = self.url(key) if key else f"az://{self.bucket}"
+        ``timeout`` is the short read timeout of metadata requests, else nothing (the client's own). The error is
+        raised outside the ``except`` block: neither its cause nor its context is the SDK's exception.
+        """
+        from azure.core.exceptions import AzureError
+
+        timeout = {"read_timeout": METADATA_READ_TIMEOUT} if op.metadata else {}
+        target = self.url(key) if key is not None else f"az://{self.bucket}"
         try:
-            yield
-        except az.HttpResponseError as err:
-            code, status = getattr(err, "error_code", None), err.status_code
-            code = str(getattr(code, "value", code) or status)
-            if code == "ContainerNotFound" or (status == 404 and not key):
-                raise FileNotFoundError(f"Azure container {self.bucket!r} does not exist ({what})") from err
-            if status == 404:
-                raise FileNotFoundError(f"no blob at {target} ({what})") from err
-            if status == 403 or isinstance(err, az.ClientAuthenticationError):
-                raise PermissionError(f"access denied to {target} ({what}): {code}") from err
-            if code in _CONDITION_FAILED or isinstance(err, az.ResourceModifiedError):  # a conditional request
-                raise ObjectChangedError(f"{target} is not the version expected ({what}): its ETag changed") from err
-            if status is not None and (status >= 500 or status == 429):
-                raise TransientError(f"Azure answered {code} for {target} ({what})") from err
-            raise
-        except (az.ServiceRequestError, az.ServiceResponseError) as err:  # its text may show a SAS URL: left out
-            raise TransientError(f"cannot reach the Azure endpoint for {target} ({what})") from err
+            return fn(**timeout)
+        except AzureError as err:
+            failure = ops.translate(
+                err, op, container=self.bucket, target=target, endpoint=self.endpoint, secrets=self._secrets,
+                detail=detail,
+            )  # fmt: skip
+        raise failure
 
     def check_bucket(self) -> None:
-        with self._errors("checking the container"):
-            self.client.get_container_properties()
+        # A one-item listing: allowed to a container SAS with 'l' (Get Container Properties is allowed to none).
+        self._call(ops.CHECK, None, lambda **t: next(iter(self.client.list_blobs(results_per_page=1, **t).by_page())))
 
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         # upload_blob needs bytes (it reads a bytearray/memoryview as an iterable of ints): one copy of an object
         # smaller than part_size. max_concurrency=1: the SDK never starts threads of its own.
-        with self._errors("put", key):
-            self.client.upload_blob(
-                key,
-                data.tobytes(),
-                overwrite=True,
-                metadata=dict(metadata),
-                max_concurrency=1,
-                **_conditions(when),
-            )
+        options = {"overwrite": True, "metadata": dict(metadata), "max_concurrency": 1, **_conditions(when)}
+        self._call(ops.UPLOAD, key, lambda: self.client.upload_blob(key, data.tobytes(), **options, **self._writes))
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> Any:
         return self.client.get_blob_client(key), uuid.uuid4().hex, dict(metadata)
@@ -108,21 +136,21 @@ class AzureBlobStore(Store):
         # 0.2 MiB (with bytes(data): +65 MiB); a file-like wrapper copies nothing either but sent 25-40% slower.
         blob, upload_id, _ = upload
         block_id = f"{upload_id}-{number:06d}"
-        with self._errors(f"staging block {number}", blob.blob_name):
-            blob.stage_block(block_id, data, length=data.nbytes)
+        stage = lambda: blob.stage_block(block_id, data, length=data.nbytes, **self._writes)  # noqa: E731
+        self._call(ops.STAGE, blob.blob_name, stage, detail=str(number))
         return block_id
 
     def complete(self, upload: Any, parts: list[Any], when: Precondition | None = None) -> None:
         blob, _, metadata = upload
-        with self._errors("committing the block list", blob.blob_name):
-            blob.commit_block_list(parts, metadata=metadata, **_conditions(when))
+        commit = lambda: blob.commit_block_list(parts, metadata=metadata, **_conditions(when), **self._writes)  # noqa: E731
+        self._call(ops.COMMIT, blob.blob_name, commit)
 
     def abort(self, upload: Any) -> None:
         """Nothing to send: Azure cannot delete uncommitted blocks; they stay invisible (see the module docstring)."""
 
     def head(self, key: str) -> ObjectInfo:
-        with self._errors("reading the metadata", key):
-            p = self.client.get_blob_client(key).get_blob_properties()
+        blob = self.client.get_blob_client(key)
+        p = self._call(ops.HEAD, key, lambda **t: blob.get_blob_properties(**t, **self._reads))
         return ObjectInfo(key, int(p.size), p.last_modified.timestamp(), dict(p.metadata or {}), p.etag)
 
     def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
@@ -131,81 +159,35 @@ class AzureBlobStore(Store):
         from azure.core import MatchConditions
 
         blob = self.client.get_blob_client(key)
-        with self._errors("downloading", key):
-            pin: dict[str, Any] = {"etag": version, "match_condition": MatchConditions.IfNotModified} if version else {}
-            end = int(blob.get_blob_properties(**pin).size) if end is None else end
-            for offset in range(start, end, READ_CHUNK_SIZE):
-                stream = blob.download_blob(offset, min(READ_CHUNK_SIZE, end - offset), max_concurrency=1, **pin)
-                pin = pin or {"etag": stream.properties.etag, "match_condition": MatchConditions.IfNotModified}
-                yield stream.readall()
+        pin: dict[str, Any] = {"etag": version, "match_condition": MatchConditions.IfNotModified} if version else {}
+        if end is None:
+            end = int(self._call(ops.HEAD, key, lambda **t: blob.get_blob_properties(**pin, **t, **self._reads)).size)
+        for offset in range(start, end, READ_CHUNK_SIZE):
+            length = min(READ_CHUNK_SIZE, end - offset)
+
+            def get(offset: int = offset, length: int = length, pin: dict = pin) -> tuple[str, bytes]:
+                stream = blob.download_blob(offset, length, max_concurrency=1, **pin, **self._reads)
+                return stream.properties.etag, stream.readall()
+
+            etag, chunk = self._call(ops.DOWNLOAD, key, get)
+            pin = pin or {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+            yield chunk
 
     def delete(self, key: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
 
-        with self._errors("deleting", key):
+        def delete(**timeout: Any) -> None:
             try:
-                self.client.delete_blob(key)
+                self.client.delete_blob(key, **timeout)
             except ResourceNotFoundError as err:
                 if getattr(err, "error_code", None) == "ContainerNotFound":
                     raise
 
+        self._call(ops.DELETE, key, delete)
+
     def list(self, prefix: str) -> list[ObjectInfo]:
-        with self._errors("listing", prefix):
-            blobs = self.client.list_blobs(name_starts_with=prefix or None, include=["metadata"])
+        def listing(**timeout: Any) -> list[ObjectInfo]:
+            blobs = self.client.list_blobs(name_starts_with=prefix or None, include=["metadata"], **timeout)
             return [ObjectInfo(b.name, b.size, b.last_modified.timestamp(), dict(b.metadata or {})) for b in blobs]
 
-
-def make_container_client(
-    container: str,
-    connection_string: str | None = None,
-    account_url: str | None = None,
-    credential: Any = None,
-    api_version: str | None = None,
-    max_concurrency: int = 8,
-) -> Any:
-    """A ``ContainerClient`` from ``connection_string``, else ``account_url`` + ``credential``, else the environment:
-    ``AZURE_STORAGE_CONNECTION_STRING``, then ``AZURE_STORAGE_ACCOUNT_URL`` (or ``AZURE_STORAGE_ACCOUNT``) with
-    ``DefaultAzureCredential``. ``api_version`` (or ``AZURE_STORAGE_API_VERSION``) pins the REST version.
-    """
-    try:
-        import requests
-        from azure.core.pipeline.transport import RequestsTransport
-        from azure.storage.blob import ContainerClient
-    except ImportError as err:
-        raise ImportError("AzureBlobSaver needs azure-storage-blob: pip install ckptcloud[azure]") from err
-
-    env = os.environ
-    if not connection_string and not account_url:
-        connection_string, account = env.get("AZURE_STORAGE_CONNECTION_STRING"), env.get("AZURE_STORAGE_ACCOUNT")
-        account_url = env.get("AZURE_STORAGE_ACCOUNT_URL") or (account and f"https://{account}.blob.core.windows.net")
-    if not connection_string and not account_url:
-        raise ValueError(
-            "AzureBlobSaver needs `container_client`, `connection_string` or `account_url` (+ `credential`), or one "
-            "of AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_URL, AZURE_STORAGE_ACCOUNT in the environment"
-        )
-    session = requests.Session()  # requests pools 10 connections per host; the pipeline may run more threads
-    session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=max(10, max_concurrency + 2)))
-    session.mount("http://", session.adapters["https://"])
-    api_version = api_version or env.get("AZURE_STORAGE_API_VERSION")
-    options: dict[str, Any] = {
-        "transport": RequestsTransport(session=session),
-        "max_single_get_size": READ_CHUNK_SIZE,
-        "max_chunk_get_size": READ_CHUNK_SIZE,
-        "max_single_put_size": MAX_BLOCK_SIZE,  # put is always one Put Blob request
-        "retry_total": 0,  # the pipeline retries each request (the SDK's own first backoff is 15 s)
-        "connection_timeout": 10,
-        "read_timeout": 120,
-        **({"api_version": api_version} if api_version else {}),
-    }
-    if connection_string:
-        return ContainerClient.from_connection_string(connection_string, container, credential=credential, **options)
-    if credential is None and "sig=" not in account_url:  # a SAS URL carries its own credential
-        try:
-            from azure.identity import DefaultAzureCredential
-        except ImportError as err:
-            raise ImportError(
-                "AzureBlobSaver with an account URL needs a credential: pass `credential=` (account key, SAS token or "
-                "azure.identity credential) or `pip install azure-identity` to use DefaultAzureCredential"
-            ) from err
-        credential = DefaultAzureCredential()
-    return ContainerClient(account_url, container, credential=credential, **options)
+        return self._call(ops.LIST, prefix, listing)
