@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,40 @@ def test_an_object_outside_the_policy_is_denied_by_its_url(as_reader, reader, tm
         load_checkpoint(other)
     done = _cli(reader, "verify", other, cwd=tmp_path)
     assert done.returncode == 4 and f"access denied to {other}" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------- Azure
+def test_a_blob_scoped_read_sas_loads_and_verifies_the_checkpoint(azure_service, azure_endpoint, tmp_path):
+    """Azure's equivalent: a read SAS for the one blob (no container rights) loads it; a missing blob is named."""
+    import datetime
+
+    from azure.storage.blob import generate_blob_sas
+
+    from tests.conftest import AZURITE_API_VERSION
+
+    if azure_endpoint.server is None:
+        pytest.skip("needs Azurite's well-known account key to sign a SAS")
+    container = f"models-{uuid.uuid4().hex[:12]}"
+    azure_service.create_container(container)
+    try:
+        azure_service.get_blob_client(container, "runs/exp1/model_3.pt").upload_blob(_checkpoint_bytes())
+        endpoint = azure_endpoint.server.endpoint
+        for name in ("runs/exp1/model_3.pt", "runs/exp1/x.pt"):
+            expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+            sas = generate_blob_sas(
+                servers.AZURITE_ACCOUNT, container, name, account_key=servers.AZURITE_KEY, permission="r", expiry=expiry
+            )
+            env = {"AZURE_STORAGE_ACCOUNT_URL": f"{endpoint}?{sas}", "AZURE_STORAGE_API_VERSION": AZURITE_API_VERSION}
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AZURE_")} | env
+            url = f"az://{container}/{name}"
+            got = _cli(env, "get", url, str(tmp_path), cwd=tmp_path)
+            checked = _cli(env, "verify", url, cwd=tmp_path)
+            if name.endswith("model_3.pt"):
+                assert got.returncode == 0, got.stderr
+                assert (tmp_path / "model_3.pt").read_bytes() == _checkpoint_bytes()
+                assert checked.returncode == 0 and "loads with weights_only=True" in checked.stdout, checked.stderr
+            else:
+                for done in (got, checked):
+                    assert done.returncode in (3, 4) and url in done.stderr and "checking the" not in done.stderr
+    finally:
+        azure_service.delete_container(container)
