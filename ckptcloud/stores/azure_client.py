@@ -48,14 +48,17 @@ def make_container_client(
     session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=max(10, max_concurrency + 2)))
     session.mount("http://", session.adapters["https://"])
     api_version = api_version or env.get("AZURE_STORAGE_API_VERSION")
+    # A transport passed in ignores the client's own connection_timeout/read_timeout (it would wait 300 s): the
+    # timeouts go to the transport itself.
+    transport = RequestsTransport(
+        session=session, connection_timeout=settings.CONNECT_TIMEOUT, read_timeout=settings.DATA_READ_TIMEOUT
+    )
     options: dict[str, Any] = {
-        "transport": RequestsTransport(session=session),
+        "transport": transport,
         "max_single_get_size": settings.READ_CHUNK_SIZE,
         "max_chunk_get_size": settings.READ_CHUNK_SIZE,
         "max_single_put_size": settings.MAX_BLOCK_SIZE,  # put is always one Put Blob request
         "retry_total": 0,  # the pipeline retries each request (the SDK's own first backoff is 15 s)
-        "connection_timeout": settings.CONNECT_TIMEOUT,
-        "read_timeout": settings.DATA_READ_TIMEOUT,
         **({"api_version": api_version} if api_version else {}),
     }
     try:
