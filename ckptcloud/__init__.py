@@ -1,6 +1,18 @@
-"""ckptcloud: stream PyTorch checkpoints to cloud object storage and keep only the ones worth keeping."""
+"""ckptcloud: stream PyTorch checkpoints to cloud object storage and keep only the ones worth keeping.
+
+Supported platforms: Linux and macOS. On Windows the import fails at once with an ``ImportError`` that says so,
+rather than later, deep inside a load (loads write with ``os.pwrite`` and map files through ``/proc/self/fd`` or
+``/dev/fd``, and Windows filenames treat ``:`` specially); WSL2 is Linux.
+"""
 
 import logging
+import sys
+
+if sys.platform == "win32":
+    raise ImportError(
+        "ckptcloud supports Linux and macOS; on Windows use WSL2 (Windows Subsystem for Linux), "
+        "or a Linux container. Native Windows is not tested, and parts of it (loading, file names) would not work."
+    )
 
 from ckptcloud.checkpoint import Checkpoint
 from ckptcloud.errors import (

@@ -3,7 +3,12 @@
 ``download_to_file``: one streaming GET, or up to ``max_concurrency`` ranged GETs written with ``os.pwrite`` into a
 file, so a load never holds a second in-memory copy of the checkpoint. Every range, and every retry of one, is
 pinned to the version ``head()`` saw, so the file holds exactly one version of the object; if the object changes,
-the download restarts once from the new version.
+the download restarts once from the new version. Where ``os.pwrite`` is missing, each write seeks and writes under a
+lock instead (:func:`pwrite`: the same bytes, one range writing at a time).
+
+Local disk limits: a full disk, a quota or a file-size limit (``ENOSPC``, ``EDQUOT``, ``EFBIG``), or any other
+failure to write the local file, raises :class:`LocalWriteError` (an ``OSError`` with the same ``errno``), which
+names the object, its size, the folder and what to do (by default: pass ``tmp_dir=`` or set ``TMPDIR``).
 
 Cancellation: the ranges share one ``threading.Event`` with their retries. The first failure or Ctrl-C sets it:
 retries stop waiting and ranges stop at their next chunk, so a failure is reported at once.
@@ -11,10 +16,13 @@ retries stop waiting and ranges stop at their next chunk, so a failure is report
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from typing import IO, Any
 
@@ -24,6 +32,72 @@ from ckptcloud.stores.base import Store
 from ckptcloud.streaming import Meter, Progress
 
 logger = logging.getLogger("ckptcloud")
+
+TMP_DIR_HINT = "free space there, or pass tmp_dir= (or set TMPDIR) to a folder with room"
+"""What :func:`download_to_file` suggests by default: its file is a load's temporary file."""
+
+
+class LocalWriteError(OSError):
+    """A local file could not be written: a full disk, a quota, a file-size limit, an I/O error.
+
+    An ``OSError`` with the original ``errno`` and ``strerror`` (``filename`` is the file or folder), whose message
+    says what was being written, where, how big it is, and what to do. The original error is its ``__cause__``.
+    """
+
+    def __init__(self, code: int, strerror: str, filename: str | None = None, message: str = "") -> None:
+        super().__init__(code, strerror, filename)
+        self.message = message or f"[Errno {code}] {strerror}: {filename}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def local_write_error(err: OSError, what: str, where: str, hint: str) -> LocalWriteError:
+    """A :class:`LocalWriteError` for ``err``, raised while writing ``what`` into the folder or file ``where``.
+
+    Example:
+        >>> import errno
+        >>> print(local_write_error(OSError(errno.ENOSPC, "No space left on device"), "a.pt", "/tmp", "free space"))
+        could not write a.pt into /tmp (No space left on device): free space
+    """
+    reason = err.strerror or str(err)
+    if err.errno == errno.EFBIG:
+        reason += ": more than the file system or the process's file-size limit (ulimit -f) allows"
+    message = f"could not write {what} into {where} ({reason}): {hint}"
+    return LocalWriteError(err.errno or 0, err.strerror or str(err), where, message)
+
+
+def _folder_of(file: IO[bytes], fd: int) -> str:
+    """The folder ``file`` lives in, for messages; also for a ``TemporaryFile``, which has no name."""
+    name = getattr(file, "name", None)
+    if isinstance(name, str) and os.path.isabs(name):
+        return os.path.dirname(name)
+    try:  # Linux: "/tmp/#1234 (deleted)" for an unnamed temporary file
+        return os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        pass
+    try:  # macOS
+        import fcntl
+
+        path = fcntl.fcntl(fd, fcntl.F_GETPATH, bytes(1024)).split(b"\0", 1)[0]  # type: ignore[attr-defined]
+        if path:
+            return os.path.dirname(os.fsdecode(path))
+    except (ImportError, AttributeError, OSError):
+        pass
+    return f"the temporary folder (TMPDIR, here {tempfile.gettempdir()}, unless tmp_dir= says otherwise)"
+
+
+_seek_write_lock = threading.Lock()
+
+
+def pwrite(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite``; where it is missing, ``lseek`` then ``write`` under one lock (the ranges take turns)."""
+    native = getattr(os, "pwrite", None)
+    if native is not None:
+        return native(fd, data, offset)
+    with _seek_write_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
 
 
 def download_to_file(
@@ -35,6 +109,7 @@ def download_to_file(
     max_concurrency: int,
     retry: Retry | None = None,
     progress: Progress | None = None,
+    space_hint: str = TMP_DIR_HINT,
 ) -> int:
     """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
 
@@ -45,15 +120,24 @@ def download_to_file(
     version. If the object is replaced mid-load, the download starts over once from a fresh ``head()`` (progress
     then counts from 0 again); if it is replaced again, :class:`~ckptcloud.errors.ObjectChangedError` is raised.
     The first failure, or Ctrl-C, stops every range at its next chunk and is raised once they have all stopped.
+
+    Raises:
+        LocalWriteError: ``file`` could not be written (full disk, quota, file-size limit, ...): "could not write
+            the N-byte download of URL into FOLDER (No space left on device): " + ``space_hint``. Callers that
+            download somewhere else than a load's temporary file pass their own ``space_hint``.
     """
     retry = retry or Retry()
+    fd = file.fileno()
     options: dict[str, Any] = {"part_size": part_size, "max_concurrency": max_concurrency, "retry": retry}
+    options["local_error"] = lambda err, size: local_write_error(
+        err, f"the {size}-byte download of {store.url(key)}", _folder_of(file, fd), space_hint
+    )
     try:
-        return _download_version(store, key, file.fileno(), progress=progress, **options)
+        return _download_version(store, key, fd, progress=progress, **options)
     except ObjectChangedError:
         logger.info("%s was replaced while it was loaded; loading the new version", store.url(key))
     try:
-        return _download_version(store, key, file.fileno(), progress=progress, **options)
+        return _download_version(store, key, fd, progress=progress, **options)
     except ObjectChangedError as err:
         raise ObjectChangedError(
             f"{store.url(key)} kept changing while it was loaded (it was replaced during two loads in a row); "
@@ -62,7 +146,15 @@ def download_to_file(
 
 
 def _download_version(
-    store: Store, key: str, fd: int, *, part_size: int, max_concurrency: int, retry: Retry, progress: Progress | None
+    store: Store,
+    key: str,
+    fd: int,
+    *,
+    part_size: int,
+    max_concurrency: int,
+    retry: Retry,
+    progress: Progress | None,
+    local_error: Callable[[OSError, int], LocalWriteError],
 ) -> int:
     """One download attempt of the version ``head()`` returns now (see :func:`download_to_file`)."""
     url = store.url(key)
@@ -70,7 +162,10 @@ def _download_version(
     size = info.size
     pin: dict[str, Any] = {"version": info.version} if info.version is not None else {}
     meter = Meter(progress, size)
-    os.ftruncate(fd, size)
+    try:
+        os.ftruncate(fd, size)  # EFBIG here for a file-size limit; a full disk fails at a write
+    except OSError as err:
+        raise local_error(err, size) from err
     if size <= part_size or max_concurrency == 1:
         ranges = [(0, size)]
     else:
@@ -92,7 +187,10 @@ def _download_version(
                         raise CancelledError(f"downloading {url} was cancelled")
                     view = memoryview(chunk)
                     while view:
-                        written = os.pwrite(fd, view, offset)
+                        try:
+                            written = pwrite(fd, view, offset)
+                        except OSError as err:
+                            raise local_error(err, size) from err
                         offset += written
                         meter.add(written)
                         view = view[written:]

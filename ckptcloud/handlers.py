@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +24,7 @@ from ckptcloud.contract import (  # re-exported: the contract's names, as before
     is_valid_name,
     metadata_mode,
 )
+from ckptcloud.download import LocalWriteError, local_write_error
 
 logger = logging.getLogger("ckptcloud")
 T = TypeVar("T")
@@ -122,23 +125,50 @@ class DiskSaver(BaseSaveHandler):
     def __repr__(self) -> str:
         return f"DiskSaver(dirname={str(self.dirname)!r}, save_on_rank={self.save_on_rank})"
 
+    def _path(self, filename: str) -> Path:
+        """The file for ``filename``: a checked name, and on Windows (where ckptcloud does not import) no ``:``."""
+        check_filename(filename)
+        if _WINDOWS and ":" in filename:  # "C:x.pt" is drive-relative, "a:b" an NTFS alternate data stream
+            raise ValueError(
+                f"Argument `filename` should not contain ':' for a DiskSaver on Windows, but given {filename!r}"
+            )
+        return self.dirname / filename
+
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        path = self.dirname / check_filename(filename)
+        path = self._path(filename)
         distributed.sync_xla(checkpoint)  # every rank; then only the writer copies anything to the host
         distributed.run_on_rank(
             self.save_on_rank, lambda: self._write(distributed.xla_to_cpu(checkpoint), path), f"saving {path}"
         )
 
     def _write(self, checkpoint: Mapping, path: Path) -> None:
+        """Write ``checkpoint`` to ``path``; a full disk or a size limit raises :class:`LocalWriteError`."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._atomic:
-            with open(path, "wb") as file:
-                serialization.save(checkpoint, file, **self.kwargs)
-            return
-        atomic_write(path, lambda file: serialization.save(checkpoint, file, **self.kwargs))
+        written = 0
+
+        def fill(file: IO[bytes]) -> int:
+            nonlocal written
+            try:
+                return serialization.save(checkpoint, file, **self.kwargs)
+            except OSError:
+                written = os.fstat(file.fileno()).st_size
+                raise
+
+        try:
+            if not self._atomic:
+                with open(path, "wb") as file:
+                    fill(file)
+                return
+            atomic_write(path, fill)
+        except LocalWriteError:
+            raise
+        except OSError as err:
+            if err.errno not in _SPACE_ERRNOS:
+                raise
+            raise _space_error(err, checkpoint, path, written, self._atomic) from err
 
     def remove(self, filename: str) -> None:
-        path = self.dirname / check_filename(filename)
+        path = self._path(filename)
         distributed.run_on_rank(self.save_on_rank, lambda: path.unlink(missing_ok=True), f"removing {path}")
 
     def load(self, filename: str, *, map_location: Any = "cpu", weights_only: bool = True, mmap: bool = False) -> Any:
@@ -148,7 +178,7 @@ class DiskSaver(BaseSaveHandler):
         because files are replaced by rename and removed by unlink, never rewritten in place, so it is refused for
         ``DiskSaver(atomic=False)``, which rewrites files in place.
         """
-        path = self.dirname / check_filename(filename)
+        path = self._path(filename)
         if mmap and not self._atomic:
             raise ValueError(
                 "Argument `mmap=True` cannot be used with DiskSaver(atomic=False): that saver rewrites files in "
@@ -187,7 +217,24 @@ class DiskSaver(BaseSaveHandler):
 
     def url(self, filename: str) -> str:
         """``file://`` URL of ``filename``."""
-        return (self.dirname / check_filename(filename)).resolve().as_uri()
+        return self._path(filename).resolve().as_uri()
+
+
+_WINDOWS = sys.platform == "win32"
+_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", 0)) if code)
+
+
+def _space_error(err: OSError, checkpoint: Mapping, path: Path, written: int, atomic: bool) -> LocalWriteError:
+    """The :class:`LocalWriteError` for a save to ``path`` that ran out of room after ``written`` bytes."""
+    from ckptcloud.remote import _estimate_nbytes  # the tensors' size, as remote saves estimate it
+
+    needed = _estimate_nbytes(checkpoint)
+    left = "nothing was left behind and the previous file, if any, is untouched" if atomic else "it is incomplete"
+    hint = (
+        f"the checkpoint needs about {needed} bytes for its tensors and the write stopped after {written} bytes; "
+        f"{left}. Free space there, or save to a folder with room"
+    )
+    return local_write_error(err, path.name, str(path.parent), hint)
 
 
 # ignite's Checkpoint then treats it as its own DiskSaver: full-path last_checkpoint, and reload_objects works.
