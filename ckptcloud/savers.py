@@ -58,7 +58,7 @@ class S3Saver(RemoteSaver):
 
 
 class GCSSaver(RemoteSaver):
-    """Save handler for Google Cloud Storage: streamed parallel composite uploads with bounded memory.
+    """Save handler for Google Cloud Storage: streamed uploads with bounded memory, published atomically.
 
     Credentials come from Application Default Credentials or the ``client`` you pass (``STORAGE_EMULATOR_HOST``
     points the default client at an emulator); they never appear in a repr, a log line or an error message.
@@ -68,13 +68,23 @@ class GCSSaver(RemoteSaver):
         prefix: object-name prefix for every checkpoint.
         client: a ready ``google.cloud.storage.Client`` (then ``project`` is ignored).
         project: project of the default client (bucket operations do not need one).
+        upload: ``"composite"`` (default): parts uploaded in parallel as temporary objects under
+            ``.ckptcloud-tmp/``, then composed; deleted temporaries are billed again under soft delete (7 days by
+            default) and, in Nearline/Coldline/Archive buckets, for their minimum storage duration.
+            ``"resumable"``: one resumable upload per object, parts sent in order (one stream, no temporary
+            objects); ``max_concurrency`` then defaults to 2. It publishes only if the object is still what it was
+            when the upload began, even without a run id (see :mod:`ckptcloud.stores.gcs_resumable`).
+        kms_key_name: a Cloud KMS key, ``projects/P/locations/L/keyRings/R/cryptoKeys/K``, for every object
+            written (the bucket's service agent needs ``roles/cloudkms.cryptoKeyEncrypterDecrypter`` on it).
+        encryption_key: a customer-supplied AES-256 key (32 bytes) for every object written and read; GCS keeps
+            only its hash, so a lost key is lost data. Not with ``kms_key_name``.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
             ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
             Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
 
     Example:
-        >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project")  # doctest: +SKIP
+        >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project", upload="resumable")  # doctest: +SKIP
         >>> saver({"model": model.state_dict()}, "model_1.pt")  # doctest: +SKIP
     """
 
@@ -85,6 +95,9 @@ class GCSSaver(RemoteSaver):
         *,
         client: Any = None,
         project: str | None = None,
+        upload: str = "composite",
+        kms_key_name: str | None = None,
+        encryption_key: bytes | None = None,
         **options: Any,
     ) -> None:
         check_bucket_name(bucket)
@@ -94,7 +107,10 @@ class GCSSaver(RemoteSaver):
             except ImportError as err:
                 raise ImportError("GCSSaver needs google-cloud-storage: pip install ckptcloud[gcs]") from err
             client = storage.Client(project=project)
-        super().__init__(GCSStore(client, bucket), prefix, **options)
+        store = GCSStore(client, bucket, upload=upload, kms_key_name=kms_key_name, encryption_key=encryption_key)
+        if upload == "resumable":
+            options.setdefault("max_concurrency", 2)  # one part in flight, one waiting: the stream never idles
+        super().__init__(store, prefix, **options)
 
 
 class AzureBlobSaver(RemoteSaver):

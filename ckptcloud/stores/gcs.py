@@ -1,38 +1,52 @@
-"""Google Cloud Storage over the JSON API: parallel composite uploads (parts are temporary objects, then compose).
+"""Google Cloud Storage over the JSON API: parallel composite uploads (default), or one resumable upload per object.
 
-Compose, because the pipeline uploads parts concurrently: GCS resumable uploads take chunks strictly in order, and
-fake-gcs-server lacks the XML multipart API. Part *n* goes to ``{dirname(key)}/.ckptcloud-tmp/{upload_id}/part-n``
-(invisible to ``RemoteSaver.list``); ``complete`` composes groups of 32 (GCS's limit) into intermediates until at most
-32 remain, then once into ``key`` with the metadata, so the object appears whole or not at all; the temporaries are
-deleted afterwards. (Composes do not delete their own sources: a compose retried after a lost response would find
-them gone and fail although the object was published.) The SDK's own retries are off: the pipeline retries each
-request, so a dead endpoint fails within the pipeline's bounds rather than the SDK's 120 s per call.
+``upload="composite"``: the pipeline uploads parts concurrently, each as a temporary object
+``{dirname(key)}/.ckptcloud-tmp/{upload_id}/part-n`` (invisible to ``RemoteSaver.list``); ``complete`` composes
+groups of 32 (GCS's limit) into intermediates until at most 32 remain, then once into ``key`` with the metadata, so
+the object appears whole or not at all; the temporaries are deleted afterwards. (Composes do not delete their own
+sources: a compose retried after a lost response would find them gone and fail although the object was published.)
+Deleted temporaries are billed again under the bucket's soft-delete retention (7 days by default), and in
+Nearline/Coldline/Archive buckets for their minimum storage duration.
 
-Limits: parts of 256 KiB to 5 GiB in multiples of 256 KiB (GCS's upload unit; compose has no minimum); at most 10,000
-parts like S3, so part sizes match S3's (10,000 parts take 313 + 10 + 1 composes). Objects up to 5 TiB.
+``upload="resumable"``: no temporary object; one stream, parts sent in order (:mod:`ckptcloud.stores.gcs_resumable`).
+
+Encryption: ``kms_key_name`` (a Cloud KMS key: ``kmsKeyName`` on every upload, compose and session) or
+``encryption_key`` (32 bytes, a customer-supplied key: its headers on every upload, compose, session request and
+download; compose requires its sources under the same key, which they are). Metadata reads, listings and deletes
+need no key (GCS encrypts metadata with its own keys).
+
+Every request is the client's authorized session with no retry of its own (the pipeline retries), a connect timeout
+of ``CONNECT_TIMEOUT`` and a read timeout of ``METADATA_READ_TIMEOUT`` (the bucket check, head, listing, delete,
+session start) or ``DATA_READ_TIMEOUT`` (parts, compose, downloads). Errors: :mod:`ckptcloud.stores.gcs_http`.
+
+Limits: parts of 256 KiB to 5 GiB in multiples of 256 KiB; at most 10,000 parts like S3, so part sizes match S3's
+(10,000 parts take 313 + 10 + 1 composes). Objects up to 5 TiB.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.stores import gcs_http as ops
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
+from ckptcloud.stores.gcs_options import check_options
+from ckptcloud.stores.gcs_resumable import ResumableUpload
 
 MAX_COMPOSE_SOURCES = 32
 TMP_FOLDER = ".ckptcloud-tmp"
-_TIMEOUT = (10, 120)  # seconds to connect, and to wait for each read
+CONNECT_TIMEOUT = 10.0  # seconds
+METADATA_READ_TIMEOUT = 20.0  # a hung endpoint fails the bucket check in about 6 x 20 s under the default Retry
+DATA_READ_TIMEOUT = 120.0
 _OCTET = "application/octet-stream"
 
 
 class GCSUpload(NamedTuple):
-    """An upload in progress: the final key, the prefix of its temporary objects, the object metadata."""
+    """A composite upload in progress: the final key, the prefix of its temporary objects, the object metadata."""
 
     key: str
     tmp_prefix: str
@@ -45,7 +59,14 @@ def _conditions(when: Precondition | None) -> dict[str, str]:
 
 
 class GCSStore(Store):
-    """One GCS bucket through a ``google.cloud.storage.Client`` (thread-safe; shared by the part uploads).
+    """One GCS bucket through a ``google.cloud.storage.Client`` (its authorized session is shared by the parts).
+
+    Args:
+        client: the ``google.cloud.storage.Client`` (its credentials and endpoint are used, not its retries).
+        bucket: the bucket name.
+        upload: ``"composite"`` (parallel parts as temporary objects, composed) or ``"resumable"`` (one session).
+        kms_key_name: ``projects/P/locations/L/keyRings/R/cryptoKeys/K`` to encrypt every object written.
+        encryption_key: a 32-byte customer-supplied AES-256 key (https only, or an emulator on this machine).
 
     Example:
         >>> GCSStore(client=None, bucket="my-bucket").url("runs/a.pt")
@@ -55,117 +76,150 @@ class GCSStore(Store):
     scheme = "gs"
     limits = StoreLimits(min_part_size=MiB // 4, max_part_size=5 * GiB, max_parts=10_000, part_alignment=MiB // 4)
 
-    def __init__(self, client: Any, bucket: str) -> None:
-        self.client = client
-        self.bucket = bucket
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        *,
+        upload: str = "composite",
+        kms_key_name: str | None = None,
+        encryption_key: bytes | None = None,
+    ) -> None:
+        self._enc = check_options(client, upload, kms_key_name, encryption_key)
+        self.client, self.bucket, self.upload = client, bucket, upload
+        self._kms, self._csek = self._enc.params, self._enc.headers
+        self._http = ops.Transport(client, lambda: [self._enc.secret])
+        self._b = quote(bucket, safe="")
 
-    @contextlib.contextmanager
-    def _errors(self, what: str, key: str | None = None) -> Iterator[None]:
-        """SDK/HTTP errors as builtins naming the bucket or URL, never credentials. 404 names ``key`` if given."""
-        import requests
-        from google.api_core import exceptions
+    def __repr__(self) -> str:
+        return f"GCSStore(bucket={self.bucket!r}, upload={self.upload!r}, encryption={self._enc.describe()!r})"
 
-        target = self.url(key) if key is not None else f"gs://{self.bucket}"
-        try:
-            yield
-        except exceptions.NotFound as err:
-            if key is None or "bucket does not exist" in str(err.message):
-                raise FileNotFoundError(f"GCS bucket {self.bucket!r} does not exist ({what})") from err
-            raise FileNotFoundError(f"no object at {target} ({what})") from err
-        except exceptions.PreconditionFailed as err:  # a conditional write or a pinned read
-            raise ObjectChangedError(f"{target} is not the generation expected ({what})") from err
-        except (exceptions.Forbidden, exceptions.Unauthorized) as err:
-            raise PermissionError(f"access denied to {target} ({what}): {err.code} {err.message}") from err
-        except exceptions.RetryError as err:
-            raise TransientError(f"GCS did not answer for {target} ({what}): {err}") from err
-        except (exceptions.ServerError, exceptions.TooManyRequests) as err:
-            raise TransientError(f"GCS answered {err.code} for {target} ({what})") from err
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
-            raise TransientError(f"cannot reach the GCS endpoint for {target} ({what}): {err}") from err
+    # ------------------------------------------------------------------------------------------- requests
+    def _call(
+        self, op: ops.Operation, method: str, url: str, *, target: str, detail: str = "", ok: tuple[int, ...] = (),
+        missing: Any = None, secret_url: bool = False, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """One request; an HTTP error answer (status >= 400 and not in ``ok``) raises the builtin for it."""
+        doing = op.doing(target, detail)
+        timeout = (CONNECT_TIMEOUT, METADATA_READ_TIMEOUT if op.metadata else DATA_READ_TIMEOUT)
+        response = self._http.send(method, url, doing=doing, timeout=timeout, secret_url=secret_url, **kwargs)
+        if response.status_code < 400 or response.status_code in ok:
+            return response
+        message = self._http.message(response)
+        response.close()
+        raise ops.http_error(response.status_code, message, op, doing, target, missing or self._missing(target, doing))
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One JSON-API request on the client's authorized session (bodies are views; the pipeline retries)."""
-        from google.api_core import exceptions
+    def _no_bucket(self, doing: str) -> Any:
+        """For requests where a 404 can only mean the bucket (uploads and listings)."""
+        return lambda message: ops.no_bucket(self.bucket, doing)
 
-        url = self.client._connection.get_api_base_url_for_mtls() + path
-        response = self.client._http.request(method, url, timeout=_TIMEOUT, **kwargs)
-        if response.status_code >= 400:
-            raise exceptions.from_http_response(response)
-        return response
+    def _missing(self, target: str, doing: str) -> Any:
+        """A 404 on an object: the bucket if GCS says so, else the object."""
+        return lambda message: (
+            ops.no_bucket(self.bucket, doing)
+            if ops.bucket_missing(message)
+            else FileNotFoundError(f"no object at {target} ({doing})")
+        )
 
-    def _post(self, params: dict[str, str], body: Any, content_type: str) -> None:
-        path = f"/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        self._request("POST", path, params=params, data=body, headers={"Content-Type": content_type})
+    def _object_path(self, key: str) -> str:
+        return f"/storage/v1/b/{self._b}/o/{quote(key, safe='')}"
 
+    def _upload(self, op: ops.Operation, target: str, params: dict, body: Any, content_type: str, **kw: Any) -> Any:
+        headers = {"Content-Type": content_type, **self._csek}
+        doing = op.doing(target, kw.get("detail", ""))
+        return self._call(
+            op, "POST", f"/upload/storage/v1/b/{self._b}/o", target=target, missing=self._no_bucket(doing),
+            params={**params, **self._kms}, data=body, headers=headers, **kw,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------- the contract
     def check_bucket(self) -> None:
-        with self._errors("checking the bucket"):  # listing needs only object rights, unlike a bucket GET
-            next(iter(self.client.list_blobs(self.bucket, max_results=1, retry=None, timeout=_TIMEOUT)), None)
+        target = f"gs://{self.bucket}"  # listing needs only object rights, unlike a bucket GET
+        missing = self._no_bucket(ops.CHECK.doing(target))
+        self._call(ops.CHECK, "GET", f"/storage/v1/b/{self._b}/o", target=target, missing=missing,
+                   params={"maxResults": "1"}).close()  # fmt: skip
 
     def put(self, key: str, data: memoryview, metadata: Mapping[str, str], when: Precondition | None = None) -> None:
         """One multipart upload (object and metadata in one request); copies the small object once."""
         sep = uuid.uuid4().hex
         resource = json.dumps({"name": key, "contentType": _OCTET, "metadata": dict(metadata)})
-        head = (
-            f"--{sep}\r\nContent-Type: application/json\r\n\r\n{resource}\r\n--{sep}\r\nContent-Type: {_OCTET}\r\n\r\n"
-        )
-        with self._errors(f"putting {self.url(key)}"):
-            body = b"".join([head.encode(), data, f"\r\n--{sep}--\r\n".encode()])
-            params = {"uploadType": "multipart", **_conditions(when)}
-            self._post(params, body, f"multipart/related; boundary={sep}")
+        head = f"--{sep}\r\nContent-Type: application/json\r\n\r\n{resource}\r\n--{sep}\r\n"
+        head += f"Content-Type: {_OCTET}\r\n\r\n"
+        body = b"".join([head.encode(), data, f"\r\n--{sep}--\r\n".encode()])
+        params = {"uploadType": "multipart", **_conditions(when)}
+        self._upload(ops.PUT, self.url(key), params, body, f"multipart/related; boundary={sep}").close()
 
-    def begin(self, key: str, metadata: Mapping[str, str]) -> GCSUpload:
+    def begin(self, key: str, metadata: Mapping[str, str]) -> GCSUpload | ResumableUpload:
+        if self.upload == "resumable":
+            return self._start_session(key, metadata)
         folder = key.rpartition("/")[0]
         return GCSUpload(key, f"{folder}/{TMP_FOLDER}/{uuid.uuid4().hex}/".lstrip("/"), dict(metadata))
 
-    def put_part(self, upload: GCSUpload, number: int, data: memoryview) -> str:
-        # One media upload whose body is the view itself (urllib3 passes it to socket.sendall). Measured: 8 concurrent
-        # parts from the pipeline's buffers to fake-gcs-server add +0.3 MiB peak RSS (16 MiB or 8 MiB parts); the
-        # SDK's upload_from_string(bytes(view)) or upload_from_file(<file over view>) add +128 MiB with 16 MiB parts
-        # (a copy each) and +256 MiB with 8 MiB parts (two copies).
-        name = f"{upload.tmp_prefix}part-{number:05d}"
+    def _start_session(self, key: str, metadata: Mapping[str, str]) -> ResumableUpload:
+        """Start a session on the object's present state: its generation, or 0 (absent); see gcs_resumable."""
+        try:
+            condition = self.head(key).version or "0"
+        except FileNotFoundError:
+            condition = "0"
+        resource = json.dumps({"name": key, "contentType": _OCTET, "metadata": dict(metadata)})
+        params = {"uploadType": "resumable", "name": key, "ifGenerationMatch": condition}
+        target = self.url(key)
+        response = self._upload(ops.START, target, params, resource, "application/json; charset=UTF-8")
+        response.close()
+        location = response.headers.get("Location")
+        if not location:
+            raise TransientError(f"GCS started no resumable upload session ({ops.START.doing(target)}): no Location")
+        return ResumableUpload(key, location, metadata, condition, target)
+
+    def put_part(self, upload: GCSUpload | ResumableUpload, number: int, data: memoryview) -> str | int:
+        # The body is the view itself (urllib3 passes it to socket.sendall): no copy. Measured (composite): 8
+        # concurrent parts add +0.3 MiB peak RSS; the SDK's upload_from_string(bytes(view)) added a copy per part.
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data  # len() must count bytes
-        with self._errors(f"uploading part {number} of {self.url(upload.key)}"):
-            self._post({"uploadType": "media", "name": name}, view, _OCTET)
+        if isinstance(upload, ResumableUpload):
+            return upload.put_part(self._call, number, view, self._csek)
+        name = f"{upload.tmp_prefix}part-{number:05d}"
+        params = {"uploadType": "media", "name": name}
+        self._upload(ops.PART, self.url(upload.key), params, view, _OCTET, detail=str(number)).close()
         return name
 
-    def complete(self, upload: GCSUpload, parts: list[str], when: Precondition | None = None) -> None:
-        sources, level, fan_in, tmp = list(parts), 0, MAX_COMPOSE_SOURCES, upload.tmp_prefix
-        with self._errors(f"composing {len(parts)} parts into {self.url(upload.key)}"):
-            while len(sources) > fan_in:  # intermediates first: the key appears only at the last compose
-                level += 1
-                groups = [sources[i : i + fan_in] for i in range(0, len(sources), fan_in)]
-                sources = [self._compose(f"{tmp}compose-{level}-{i:05d}", g) for i, g in enumerate(groups)]
-            self._compose(upload.key, sources, upload.metadata, **_conditions(when))
-        try:  # the object is published: leftovers are garbage, not a failed save
-            self.abort(upload)
-        except Exception as err:
-            logging.getLogger("ckptcloud").warning("could not delete parts under %s: %s", self.url(tmp), err)
+    def complete(self, upload: GCSUpload | ResumableUpload, parts: list[Any], when: Precondition | None = None) -> None:
+        if isinstance(upload, ResumableUpload):
+            upload.finish(self._call, when, self._csek)
+            return
+        from ckptcloud.stores.gcs_compose import compose_all
+
+        compose_all(self, upload, parts, when)
 
     def _compose(
         self, name: str, sources: list[str], metadata: Mapping[str, str] | None = None, **conditions: str
     ) -> str:
         """Compose ``sources`` into ``name`` (idempotent: the sources stay until the upload is finished)."""
-        bucket = self.client.bucket(self.bucket)
-        blob = bucket.blob(name)
-        blob.content_type = _OCTET
+        destination: dict[str, Any] = {"contentType": _OCTET}
         if metadata:
-            blob.metadata = dict(metadata)
-        match = {"if_generation_match": int(conditions["ifGenerationMatch"])} if conditions else {}
-        blob.compose([bucket.blob(s) for s in sources], retry=None, timeout=_TIMEOUT, **match)
+            destination["metadata"] = dict(metadata)
+        body = json.dumps({"sourceObjects": [{"name": s} for s in sources], "destination": destination})
+        target = self.url(name)
+        self._call(
+            ops.COMPOSE, "POST", f"{self._object_path(name)}/compose", target=target, detail=str(len(sources)),
+            params={**conditions, **self._kms}, data=body, headers={"Content-Type": "application/json", **self._csek},
+        ).close()  # fmt: skip
         return name
 
-    def abort(self, upload: GCSUpload) -> None:
+    def abort(self, upload: GCSUpload | ResumableUpload) -> None:
+        if isinstance(upload, ResumableUpload):
+            upload.cancel(self._call)
+            return
         for info in self.list(upload.tmp_prefix):
             self.delete(info.key)
 
     def head(self, key: str) -> ObjectInfo:
-        blob = self.client.bucket(self.bucket).blob(key)
-        with self._errors("reading the metadata", key):
-            blob.reload(retry=None, timeout=_TIMEOUT)
-        version = None if blob.generation is None else str(blob.generation)
-        return ObjectInfo(key, int(blob.size), blob.updated.timestamp(), dict(blob.metadata or {}), version)
+        """Metadata without the encryption key (GCS does not need it; the hashes it then omits are not used)."""
+        target = self.url(key)
+        response = self._call(ops.HEAD, "GET", self._object_path(key), target=target)
+        return ops.object_info(response.json(), version=True)
 
     def list_incomplete(self, prefix: str) -> list[IncompleteUpload]:
+        """Composite uploads' temporary folders (resumable sessions cannot be listed: GCS drops them after a week)."""
         folders: dict[str, float] = {}  # temporary folder of each upload -> when its first part was written
         for info in self.list(f"{prefix}{TMP_FOLDER}/"):
             folder = info.key[: info.key.index("/", len(prefix) + len(TMP_FOLDER) + 1) + 1]
@@ -175,28 +229,43 @@ class GCSStore(Store):
     def read(self, key: str, start: int = 0, end: int | None = None, *, version: str | None = None) -> Iterator[bytes]:
         # ``generation=`` reads exactly that version; once it is overwritten (unversioned bucket) GCS answers 404.
         # (fake-gcs-server ignores ifGenerationMatch on downloads, but honours generation=.)
+        import requests
+
         if end is not None and end <= start:
             return
+        target, doing = self.url(key), ops.DOWNLOAD.doing(self.url(key))
         headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
-        path = f"/download/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(key, safe='')}"
         params = {"alt": "media", **({"generation": version} if version is not None else {})}
-        try:
-            with self._errors("downloading", key):
-                with self._request("GET", path, params=params, headers=headers, stream=True) as response:
-                    yield from response.iter_content(chunk_size=1 * MiB)
-        except FileNotFoundError as err:
-            if version is None:
-                raise
-            gone = f"generation {version} is gone"
-            raise ObjectChangedError(f"{self.url(key)} was replaced while it was read ({gone})") from err
+        missing = self._missing(target, doing)
+        if version is not None:
+            gone = f"{target} was replaced while it was read (generation {version} is gone)"
+            missing = lambda message: ObjectChangedError(gone)  # noqa: E731
+        path = f"/download/storage/v1/b/{self._b}/o/{quote(key, safe='')}"
+        response = self._call(ops.DOWNLOAD, "GET", path, target=target, missing=missing, params=params,
+                              headers={**headers, **self._csek}, stream=True)  # fmt: skip
+        with response:
+            try:
+                yield from response.iter_content(chunk_size=1 * MiB)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+                raise self._http.network_error(err, doing, (CONNECT_TIMEOUT, DATA_READ_TIMEOUT)) from err
 
     def delete(self, key: str) -> None:
-        from google.api_core.exceptions import NotFound
-
-        with self._errors("deleting", key), contextlib.suppress(NotFound):
-            self.client.bucket(self.bucket).delete_blob(key, retry=None, timeout=_TIMEOUT)
+        target = self.url(key)
+        response = self._call(ops.DELETE, "DELETE", self._object_path(key), target=target, ok=(404,))
+        if response.status_code == 404:
+            message = self._http.message(response)
+            if ops.bucket_missing(message):
+                raise ops.no_bucket(self.bucket, ops.DELETE.doing(target))
+        response.close()
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        with self._errors(f"listing {prefix!r}"):
-            blobs = self.client.list_blobs(self.bucket, prefix=prefix, retry=None, timeout=_TIMEOUT)
-            return [ObjectInfo(b.name, int(b.size), b.updated.timestamp(), dict(b.metadata or {})) for b in blobs]
+        target = self.url(prefix)
+        missing, infos, token = self._no_bucket(ops.LIST.doing(target)), [], None
+        while True:
+            params = {"prefix": prefix, "maxResults": "1000", **({"pageToken": token} if token else {})}
+            page = self._call(ops.LIST, "GET", f"/storage/v1/b/{self._b}/o", target=target, missing=missing,
+                              params=params).json()  # fmt: skip
+            infos.extend(ops.object_info(item) for item in page.get("items", []))
+            token = page.get("nextPageToken")
+            if not token:
+                return infos
