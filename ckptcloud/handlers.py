@@ -82,6 +82,11 @@ class DiskSaver(BaseSaveHandler):
         save_on_rank: the rank that writes and removes.
         **torch_save_kwargs: passed to ``torch.save`` (e.g. ``pickle_protocol``).
 
+    A save that runs out of room (a full disk, a quota, a file-size limit) raises
+    :class:`~ckptcloud.download.LocalWriteError`, an ``OSError`` with the original ``errno`` that names the file,
+    the folder and the size the checkpoint needs; with ``atomic=True`` nothing is left behind. Other write failures
+    are raised as themselves, never as torch's "unexpected pos ..." ``RuntimeError``.
+
     Example:
         >>> import tempfile, torch
         >>> saver = DiskSaver(tempfile.mkdtemp())

@@ -79,9 +79,11 @@ def test_disk_saver_over_a_size_limit_raises_the_os_error_with_the_path_and_size
     assert os.listdir(tmp_path) == []  # no temporary file, no partial checkpoint
 
 
-def test_a_full_disk_during_a_download_says_no_space_and_where(tmp_path, monkeypatch):
-    saver = RemoteSaver(MemoryStore("b"), "run", tmp_dir=str(tmp_path))
-    saver({"w": torch.ones(1000)}, "model_1.pt")
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_full_disk_during_a_download_says_no_space_and_where(tmp_path, monkeypatch, concurrency):
+    store = MemoryStore("b", min_part_size=4096)
+    saver = RemoteSaver(store, "run", part_size=64 * 1024, max_concurrency=concurrency, tmp_dir=str(tmp_path))
+    saver({"w": torch.ones(256 * 1024)}, "model_1.pt")  # 1 MiB: four ranges at once with concurrency 4
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
