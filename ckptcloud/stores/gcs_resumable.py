@@ -152,6 +152,8 @@ class ResumableUpload:
         """Send the remainder and the total size: GCS creates the object now, if the session's condition holds."""
         if self._status == "finished":
             return
+        if self._status == "cancelled":
+            raise self._gone()
         want = None if when is None else (when.version or "0")
         if want is not None and want != self.condition:
             raise ObjectChangedError(
