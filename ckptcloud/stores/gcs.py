@@ -1,12 +1,9 @@
 """Google Cloud Storage over the JSON API: parallel composite uploads (default), or one resumable upload per object.
 
-``upload="composite"``: the pipeline uploads parts concurrently, each as a temporary object
-``{dirname(key)}/.ckptcloud-tmp/{upload_id}/part-n`` (invisible to ``RemoteSaver.list``); ``complete`` composes
-groups of 32 (GCS's limit) into intermediates until at most 32 remain, then once into ``key`` with the metadata, so
-the object appears whole or not at all; the temporaries are deleted afterwards. (Composes do not delete their own
-sources: a compose retried after a lost response would find them gone and fail although the object was published.)
-Deleted temporaries are billed again under the bucket's soft-delete retention (7 days by default), and in
-Nearline/Coldline/Archive buckets for their minimum storage duration.
+``upload="composite"``: parts uploaded concurrently as temporary objects under ``.ckptcloud-tmp/``, then composed
+into the key, which appears whole or not at all (:mod:`ckptcloud.stores.gcs_compose`). Deleted temporaries are billed
+again under the bucket's soft-delete retention (7 days by default), and in Nearline/Coldline/Archive buckets for
+their minimum storage duration.
 
 ``upload="resumable"``: no temporary object; one stream, parts sent in order (:mod:`ckptcloud.stores.gcs_resumable`).
 
@@ -31,11 +28,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.errors import ObjectChangedError
 from ckptcloud.stores import gcs_http as ops
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
 from ckptcloud.stores.gcs_options import check_options
-from ckptcloud.stores.gcs_resumable import ResumableUpload
+from ckptcloud.stores.gcs_resumable import ResumableUpload, start_session
 
 MAX_COMPOSE_SOURCES = 32
 TMP_FOLDER = ".ckptcloud-tmp"
@@ -151,25 +148,9 @@ class GCSStore(Store):
 
     def begin(self, key: str, metadata: Mapping[str, str]) -> GCSUpload | ResumableUpload:
         if self.upload == "resumable":
-            return self._start_session(key, metadata)
+            return start_session(self, key, metadata)
         folder = key.rpartition("/")[0]
         return GCSUpload(key, f"{folder}/{TMP_FOLDER}/{uuid.uuid4().hex}/".lstrip("/"), dict(metadata))
-
-    def _start_session(self, key: str, metadata: Mapping[str, str]) -> ResumableUpload:
-        """Start a session on the object's present state: its generation, or 0 (absent); see gcs_resumable."""
-        try:
-            condition = self.head(key).version or "0"
-        except FileNotFoundError:
-            condition = "0"
-        resource = json.dumps({"name": key, "contentType": _OCTET, "metadata": dict(metadata)})
-        params = {"uploadType": "resumable", "name": key, "ifGenerationMatch": condition}
-        target = self.url(key)
-        response = self._upload(ops.START, target, params, resource, "application/json; charset=UTF-8")
-        response.close()
-        location = response.headers.get("Location")
-        if not location:
-            raise TransientError(f"GCS started no resumable upload session ({ops.START.doing(target)}): no Location")
-        return ResumableUpload(key, location, metadata, condition, target)
 
     def put_part(self, upload: GCSUpload | ResumableUpload, number: int, data: memoryview) -> str | int:
         # The body is the view itself (urllib3 passes it to socket.sendall): no copy. Measured (composite): 8

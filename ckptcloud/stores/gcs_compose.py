@@ -1,5 +1,11 @@
 """``complete`` of a GCS composite upload: the compose tree, and why a compose failed when its sources are gone.
 
+Part *n* goes to ``{dirname(key)}/.ckptcloud-tmp/{upload_id}/part-n`` (invisible to ``RemoteSaver.list``);
+``complete`` composes groups of 32 (GCS's limit) into intermediates until at most 32 remain, then once into ``key``
+with the metadata, so the object appears whole or not at all; the temporaries are deleted afterwards. (Composes do
+not delete their own sources: a compose retried after a lost response would find them gone and fail although the
+object was published.)
+
 A part or intermediate deleted while the upload runs (another process's ``cleanup_incomplete(older_than=...)``
 shorter than this save, or a lifecycle rule on ``.ckptcloud-tmp/``) makes the compose fail: GCS answers 404
 (fake-gcs-server 500). That is reported as such, naming the object being saved and its temporary folder, not as a

@@ -24,12 +24,13 @@ Retries: a request that failed without an answer leaves GCS holding an unknown n
 first asks (``Content-Range: bytes */*``) and sends only the rest, as GCS documents. (fake-gcs-server 1.54 finishes
 the upload on that question instead; that case raises an error naming it.)
 
-The session URL authorizes uploads to the object without credentials: it is never shown in a repr, a message, a
-log line or a chained exception.
+The session URL authorizes uploads to the object without credentials: ckptcloud never shows it in a repr, a
+message, a log line or a chained exception (urllib3's own DEBUG log prints every request's URL, this one too).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +45,23 @@ CHUNK_UNIT = 256 * 1024  # GCS takes a session's non-final chunks in multiples o
 ORDER_GRACE = 10.0  # seconds part n waits for part n - 1 to be (re)sent before it gives up its turn (and is retried)
 
 Call = Callable[..., Any]  # GCSStore._call(op, method, url, *, target, detail, ok, missing, secret_url, **kwargs)
+
+
+def start_session(store: Any, key: str, metadata: Mapping[str, str]) -> ResumableUpload:
+    """Start a session on the object's present state (``GCSStore.begin``): its generation, or 0 when absent."""
+    try:
+        condition = store.head(key).version or "0"
+    except FileNotFoundError:
+        condition = "0"
+    resource = json.dumps({"name": key, "contentType": "application/octet-stream", "metadata": dict(metadata)})
+    params = {"uploadType": "resumable", "name": key, "ifGenerationMatch": condition}
+    target = store.url(key)
+    response = store._upload(ops.START, target, params, resource, "application/json; charset=UTF-8")
+    response.close()
+    location = response.headers.get("Location")
+    if not location:
+        raise TransientError(f"GCS started no resumable upload session ({ops.START.doing(target)}): no Location")
+    return ResumableUpload(key, location, metadata, condition, target)
 
 
 def _state(generation: str) -> str:
