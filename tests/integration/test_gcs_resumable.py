@@ -97,7 +97,10 @@ def test_abort_cancels_the_session_and_nothing_appears(gcs_endpoint, gcs_bucket)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])
-def test_a_failed_resumable_save_publishes_nothing_and_keeps_the_older_object(gcs_client, gcs_bucket, monkeypatch, k):
+@pytest.mark.parametrize("exc", [PermissionError, KeyboardInterrupt])
+def test_a_failed_resumable_save_publishes_nothing_and_keeps_the_older_object(
+    gcs_client, gcs_bucket, monkeypatch, k, exc
+):
     from ckptcloud.stores.gcs_resumable import ORDER_GRACE, ResumableUpload
 
     saver = resumable(gcs_bucket, gcs_client, max_concurrency=4)
@@ -108,12 +111,12 @@ def test_a_failed_resumable_save_publishes_nothing_and_keeps_the_older_object(gc
 
     def failing(self, call, number, data, headers):
         if number > k:
-            raise PermissionError(f"injected at part {number}")
+            raise exc(f"injected at part {number}")
         return original(self, call, number, data, headers)
 
     monkeypatch.setattr(ResumableUpload, "_send", failing)
     start = time.monotonic()
-    with pytest.raises(PermissionError, match=f"injected at part {k + 1}"):
+    with pytest.raises(exc, match=f"injected at part {k + 1}"):
         saver({"w": torch.randn(2 * MiB)}, "same.pt")  # 8 MiB: 33 parts, 4 waiting for their turn
     assert time.monotonic() - start < ORDER_GRACE  # the waiting parts did not wait it out
     assert keys(gcs_client, gcs_bucket) == ["run/same.pt"]
@@ -137,6 +140,22 @@ def test_a_part_that_fails_once_is_retried_and_the_stream_stays_in_order(gcs_cli
     saver(state, "m.pt")
     assert failed == [3]
     assert object_bytes(gcs_client, gcs_bucket, "run/m.pt") == stored_bytes(state)
+
+
+def test_a_part_whose_predecessor_never_comes_gives_up_its_turn_instead_of_hanging(gcs_client, gcs_bucket, monkeypatch):
+    from ckptcloud.stores import gcs_resumable
+
+    monkeypatch.setattr(gcs_resumable, "ORDER_GRACE", 0.5)
+    store = GCSStore(gcs_client, gcs_bucket, upload="resumable")
+    upload = store.begin("k.pt", {})
+    start = time.monotonic()  # part 1 is never handed over (the pipeline skips queued parts once a save failed)
+    with pytest.raises(TransientError, match=r"part 2 of gs://.*/k\.pt waited 0\.5 s for part 1, which is not being"):
+        store.put_part(upload, 2, memoryview(b"b" * (256 * KiB)))
+    assert time.monotonic() - start < 2
+    store.put_part(upload, 1, memoryview(b"a" * (256 * KiB)))  # a retry of part 2 then finds its turn
+    store.put_part(upload, 2, memoryview(b"b" * (256 * KiB)))
+    store.complete(upload, [1, 2])
+    assert object_bytes(gcs_client, gcs_bucket, "k.pt") == b"a" * (256 * KiB) + b"b" * (256 * KiB)
 
 
 def test_cleanup_incomplete_cannot_discard_a_running_resumable_upload(gcs_client, gcs_bucket):
