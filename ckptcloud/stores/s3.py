@@ -14,7 +14,6 @@ and deadline bound the whole call), and metadata requests (HeadBucket, HeadObjec
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,13 +21,12 @@ from ckptcloud.checksum import crc32c_base64
 from ckptcloud.stores.base import GiB, IncompleteUpload, MiB, ObjectInfo, Precondition, Store, StoreLimits
 from ckptcloud.stores.s3_args import split_extra_args
 from ckptcloud.stores.s3_client import make_s3_client, metadata_client_for
-from ckptcloud.stores.s3_errors import MISSING_KEY, UploadGoneError, delete_error, error_code, multipart_etag
+from ckptcloud.stores.s3_errors import MISSING_KEY, confirm_completed, delete_error, error_code
 from ckptcloud.stores.s3_errors import s3_errors as _s3_errors
 
 __all__ = ["S3Store", "make_s3_client"]
 
 DELETE_BATCH = 1000  # keys per DeleteObjects request (S3's limit)
-logger = logging.getLogger("ckptcloud")
 
 
 def _body(data: memoryview) -> bytes | bytearray:
@@ -135,20 +133,7 @@ class S3Store(Store):
                 if error_code(err) != "NoSuchUpload":
                     raise
                 gone = err
-        expected = multipart_etag(parts)
-        try:
-            found = self.head(key).version
-        except FileNotFoundError:
-            found = None
-        if expected is not None and found is not None and found.strip('"') == expected.strip('"'):
-            logger.info("%s was already completed (NoSuchUpload on a repeat): its ETag is the upload's", self.url(key))
-            return
-        there = "no object is there" if found is None else f"the object there has ETag {found}"
-        raise UploadGoneError(
-            f"the multipart upload to {self.url(key)} no longer exists (NoSuchUpload) and {there}, not the ETag "
-            f"{expected or '(unknown)'} of its parts: the upload was aborted (cleanup_incomplete, a lifecycle rule "
-            "or another process) or expired. Nothing was saved; save again."
-        ) from gone
+        confirm_completed(lambda: self.head(key).version, self.url(key), parts, gone)
 
     def abort(self, upload: Any) -> None:
         from botocore.exceptions import ClientError

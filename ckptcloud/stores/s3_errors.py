@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ckptcloud.errors import CkptcloudError, ObjectChangedError, TransientError
+
+logger = logging.getLogger("ckptcloud")
 
 MISSING_BUCKET = {"NoSuchBucket"}
 MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -50,6 +53,30 @@ def multipart_etag(parts: list[dict[str, Any]]) -> str | None:
     except (KeyError, ValueError):
         return None
     return f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+
+
+def confirm_completed(
+    version: Callable[[], str | None], url: str, parts: list[dict[str, Any]], gone: Exception
+) -> None:
+    """After ``NoSuchUpload`` from a complete: return if the object at ``url`` is the one ``parts`` make (a retried
+    complete whose first answer was lost, on a server that forgets completed uploads), else raise
+    :class:`UploadGoneError` from ``gone``. ``version()`` HEADs the object: its ETag, or ``FileNotFoundError``."""
+    expected = multipart_etag(parts)
+    try:
+        found: str | None = version()
+        there = "no object is there" if found is None else f"the object there has ETag {found}"
+    except FileNotFoundError:
+        found, there = None, "no object is there"
+    except PermissionError as err:  # (a transient failure propagates: the retried complete checks again)
+        found, there = None, f"the object there could not be checked ({err})"
+    if expected is not None and found is not None and found.strip('"') == expected.strip('"'):
+        logger.info("%s was already completed (NoSuchUpload on a repeat): its ETag is the upload's", url)
+        return
+    raise UploadGoneError(
+        f"the multipart upload to {url} no longer exists (NoSuchUpload) and {there}, not the ETag "
+        f"{expected or '(unknown)'} of its parts: the upload was aborted (cleanup_incomplete, a lifecycle rule or "
+        "another process) or expired. Nothing was saved; save again."
+    ) from gone
 
 
 @contextlib.contextmanager

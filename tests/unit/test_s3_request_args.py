@@ -143,3 +143,18 @@ def test_every_code_botocore_would_retry_is_retried_by_the_pipeline():
         for _ in codes + statuses:
             with pytest.raises(TransientError):
                 store.head("run/a.pt")
+
+
+def test_a_gone_upload_whose_object_cannot_be_read_is_reported_as_gone_not_as_denied():
+    """NoSuchUpload from complete, then HEAD denied (no s3:GetObject): the save failed because the upload is gone;
+    the message says so, and says why the object could not be checked."""
+    from ckptcloud.errors import CkptcloudError
+
+    c = client()
+    store = S3Store(c, "bkt")
+    parts = [{"PartNumber": 1, "ETag": '"' + "ab" * 16 + '"', "ChecksumCRC32C": "AAAAAA=="}]
+    with Stubber(c) as stub:
+        stub.add_client_error("complete_multipart_upload", service_error_code="NoSuchUpload", http_status_code=404)
+        stub.add_client_error("head_object", service_error_code="403", http_status_code=403)
+        with pytest.raises(CkptcloudError, match=r"no longer exists \(NoSuchUpload\).*could not be checked.*denied"):
+            store.complete(("run/a.pt", "upload-1"), parts)
