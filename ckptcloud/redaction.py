@@ -40,6 +40,11 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         r"|x-amz-copy-source-server-side-encryption-customer-key|x-goog-encryption-key|x-ms-encryption-key)"
         r"['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+", re.I),
      rf"\1{REDACTED}"),
+    # The same secrets as request parameters, as botocore logs them ('SSECustomerKey': '...').
+    (re.compile(
+        r"((?:SSECustomerKey|CopySourceSSECustomerKey|SecretAccessKey|SessionToken|aws_secret_access_key"
+        r"|aws_session_token|AccountKey|account_key)['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,}]+", re.I),
+     rf"\1{REDACTED}"),
 ]  # fmt: skip
 
 # The loggers that print requests or headers at DEBUG (records are filtered where they are logged).

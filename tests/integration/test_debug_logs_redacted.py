@@ -6,6 +6,7 @@ key id (trial 17). ckptcloud puts a redacting filter on those loggers when a sto
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 import uuid
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 ACCESS_KEY_ID = "AKIAEXAMPLEKEYID0001"
 SECRET_KEY = "secret-value-0123456789-do-not-log"
+SSE_C_KEY = "0123456789abcdef0123456789abcdef"  # 32 bytes: an AES-256 customer-provided key
 
 
 @pytest.fixture
@@ -73,14 +75,18 @@ def test_debug_logs_of_an_s3_session_never_show_the_access_key_id_or_secret(s3_e
     client = make_s3_client(endpoint_url=s3_endpoint.url, region_name="us-east-1")
     bucket = f"ckpt-{uuid.uuid4().hex[:16]}"
     client.create_bucket(Bucket=bucket)
-    saver = S3Saver(bucket, "run", client=client, part_size=5 * 2**20)
+    sse_c = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": SSE_C_KEY}
+    saver = S3Saver(bucket, "run", client=client, part_size=5 * 2**20, extra_args=sse_c)
     saver({"w": torch.zeros(3 * 2**20)}, "model_1.pt")  # 12 MiB: a multipart upload
     saver.load("model_1.pt")
 
     text = _lines(debug_log)
     assert "Credential=" in text, "botocore's signed headers were not captured: the test would be vacuous"
+    assert "SSECustomerKey" in text, "botocore's request parameters were not captured: the test would be vacuous"
     assert ACCESS_KEY_ID not in text
     assert SECRET_KEY not in text
+    assert SSE_C_KEY not in text
+    assert base64.b64encode(SSE_C_KEY.encode()).decode() not in text
 
 
 def test_logged_tracebacks_are_redacted_too():
@@ -107,6 +113,9 @@ def test_logged_tracebacks_are_redacted_too():
         ("Authorization: Bearer ya29.a0SECRETTOKEN", "ya29.a0SECRETTOKEN"),
         ("{'x-goog-encryption-key': 'Z29vZ2xlLWtleQ=='}", "Z29vZ2xlLWtleQ=="),
         ("x-ms-encryption-key: YXp1cmUta2V5", "YXp1cmUta2V5"),
+        ("with params: {'SSECustomerAlgorithm': 'AES256', 'SSECustomerKey': 'c3NlLWMta2V5', 'Bucket': 'b'}",
+         "c3NlLWMta2V5"),
+        ("{'aws_secret_access_key': 'wJalrXUtnFEMI/K7MDENG'}", "wJalrXUtnFEMI/K7MDENG"),
     ],
 )
 def test_every_kind_of_credential_is_redacted(text, secret):
