@@ -113,8 +113,10 @@ def test_logged_tracebacks_are_redacted_too():
         ("Authorization: Bearer ya29.a0SECRETTOKEN", "ya29.a0SECRETTOKEN"),
         ("{'x-goog-encryption-key': 'Z29vZ2xlLWtleQ=='}", "Z29vZ2xlLWtleQ=="),
         ("x-ms-encryption-key: YXp1cmUta2V5", "YXp1cmUta2V5"),
-        ("with params: {'SSECustomerAlgorithm': 'AES256', 'SSECustomerKey': 'c3NlLWMta2V5', 'Bucket': 'b'}",
-         "c3NlLWMta2V5"),
+        (
+            "with params: {'SSECustomerAlgorithm': 'AES256', 'SSECustomerKey': 'c3NlLWMta2V5', 'Bucket': 'b'}",
+            "c3NlLWMta2V5",
+        ),
         ("{'aws_secret_access_key': 'wJalrXUtnFEMI/K7MDENG'}", "wJalrXUtnFEMI/K7MDENG"),
     ],
 )
