@@ -18,16 +18,14 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.redaction import REDACTED
+from ckptcloud.redaction import redact as redact_patterns
 
-REDACTED = "REDACTED"
 _CONDITION_FAILED = ("ConditionNotMet", "BlobAlreadyExists")  # what a failed conditional request answers
+# Beyond ckptcloud.redaction's patterns: a signature quoted after "(" and the MAC that Azure's 403 text quotes.
 _PATTERNS = [
-    (re.compile(r"((?:^|[?&;\s'\"(])(?:sig|signature)=)[^&\s'\"();]+", re.I), rf"\1{REDACTED}"),  # SAS signature
-    (re.compile(r"(AccountKey=)[^;\s'\"]+", re.I), rf"\1{REDACTED}"),  # connection string
-    (re.compile(r"(SharedKey(?:Lite)?\s+[^:\s'\"]+:)[^\s'\",]+", re.I), rf"\1{REDACTED}"),  # Authorization header
-    (re.compile(r"(Bearer\s+)[^\s'\",]+", re.I), rf"\1{REDACTED}"),  # Azure AD token
-    (re.compile(r"(x-ms-encryption-key['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]+", re.I), rf"\1{REDACTED}"),  # CPK header
-    (re.compile(r"(MAC signature found in the HTTP request )'[^']*'", re.I), rf"\1'{REDACTED}'"),  # Azure's 403 text
+    (re.compile(r"(\((?:sig|signature)=)[^&\s'\"();]+", re.I), rf"\1{REDACTED}"),
+    (re.compile(r"(MAC signature found in the HTTP request )'[^']*'", re.I), rf"\1'{REDACTED}'"),
 ]
 
 
@@ -107,7 +105,7 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         text = text.replace(secret, REDACTED)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
-    return text
+    return redact_patterns(text)
 
 
 def endpoint_of(client: Any) -> str:
