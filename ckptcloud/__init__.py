@@ -18,10 +18,12 @@ from ckptcloud.checkpoint import Checkpoint
 from ckptcloud.errors import (
     CkptcloudError,
     IntegrityError,
+    LocalWriteError,
     ObjectChangedError,
     RemoteSaveError,
     RunConflictError,
     TransientError,
+    UploadGoneError,
 )
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
 from ckptcloud.remote import RemoteSaver
@@ -37,6 +39,7 @@ __all__ = [
     "DiskSaver",
     "GCSSaver",
     "IntegrityError",
+    "LocalWriteError",
     "ObjectChangedError",
     "RemoteSaveError",
     "RemoteSaver",
@@ -44,6 +47,7 @@ __all__ = [
     "RunConflictError",
     "S3Saver",
     "TransientError",
+    "UploadGoneError",
     "load_checkpoint",
     "saver_from_url",
 ]

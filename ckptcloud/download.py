@@ -26,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 from typing import IO, Any
 
-from ckptcloud.errors import ObjectChangedError, TransientError
+from ckptcloud.errors import LocalWriteError, ObjectChangedError, TransientError
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import Store
 from ckptcloud.streaming import Meter, Progress
@@ -35,21 +35,6 @@ logger = logging.getLogger("ckptcloud")
 
 TMP_DIR_HINT = "free space there, or pass tmp_dir= (or set TMPDIR) to a folder with room"
 """What :func:`download_to_file` suggests by default: its file is a load's temporary file."""
-
-
-class LocalWriteError(OSError):
-    """A local file could not be written: a full disk, a quota, a file-size limit, an I/O error.
-
-    An ``OSError`` with the original ``errno`` and ``strerror`` (``filename`` is the file or folder), whose message
-    says what was being written, where, how big it is, and what to do. The original error is its ``__cause__``.
-    """
-
-    def __init__(self, code: int, strerror: str, filename: str | None = None, message: str = "") -> None:
-        super().__init__(code, strerror, filename)
-        self.message = message or f"[Errno {code}] {strerror}: {filename}"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def local_write_error(err: OSError, what: str, where: str, hint: str) -> LocalWriteError:

@@ -41,3 +41,23 @@ class RunConflictError(CkptcloudError, FileExistsError):
 
     Two jobs must not share a prefix: give each its own, or continue the other run with ``resume=True``.
     """
+
+
+class LocalWriteError(CkptcloudError, OSError):
+    """A local file could not be written: a full disk, a quota, a file-size limit, an I/O error.
+
+    An ``OSError`` with the original ``errno`` and ``strerror`` (``filename`` is the file or folder), whose message
+    says what was being written, where, how big it is, and what to do. The original error is its ``__cause__``.
+    """
+
+    def __init__(self, code: int, strerror: str, filename: str | None = None, message: str = "") -> None:
+        super().__init__(code, strerror, filename)
+        self.message = message or f"[Errno {code}] {strerror}: {filename}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UploadGoneError(CkptcloudError):
+    """A multipart upload disappeared before it was completed (aborted by ``cleanup_incomplete`` or a lifecycle
+    rule, or expired), and the object at its key is not the one it would have made. Nothing was saved."""

@@ -3,7 +3,8 @@
 The pipeline wraps every store request in :meth:`Retry.call`: each part, the single put, begin, complete, abort
 and each download range (which resumes where it stopped). Only transient failures are retried
 (:class:`~ckptcloud.errors.TransientError` from the adapters, and builtin ``ConnectionError``/``TimeoutError``);
-missing buckets, denied access and bad arguments fail at once. The SDKs' own retries run inside each attempt.
+missing buckets, denied access and bad arguments fail at once. The clients ckptcloud builds have the SDKs' own
+retries off, so one attempt is one request; a client you pass keeps its own retries, which run inside each attempt.
 
 A ``cancel`` event shared with the pipeline stops a retry at once: once it is set no attempt starts and a backoff
 wait ends (``concurrent.futures.CancelledError``), so one part failing for good, or Ctrl-C, does not wait out the
@@ -40,8 +41,9 @@ class Retry:
         initial_backoff: upper bound of the first wait in seconds; it doubles per attempt (full jitter).
         max_backoff: cap of one wait in seconds.
         deadline: do not start another attempt once this many seconds have passed since the first one. A running
-            attempt is bounded by the SDK's timeouts (ckptcloud sets 10 s to connect and 120 s per read on the
-            clients it builds), so one request can end up to one attempt's length past the deadline.
+            attempt is bounded by the SDK's timeouts (on the clients it builds, ckptcloud sets 10 s to connect and
+            20 s per read for metadata requests, 120 s for data), so one request can end up to one attempt's
+            length past the deadline.
 
     Example:
         >>> calls = []

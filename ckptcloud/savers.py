@@ -28,7 +28,11 @@ class S3Saver(RemoteSaver):
         client: a ready ``boto3`` S3 client (then ``endpoint_url``/``region_name`` are ignored).
         endpoint_url: for MinIO, SeaweedFS and friends, e.g. ``http://127.0.0.1:9000`` (path-style addressing).
         region_name: AWS region.
-        extra_args: extra upload arguments, e.g. ``{"ServerSideEncryption": "aws:kms", "StorageClass": ...}``.
+        extra_args: extra upload arguments, e.g. ``{"ServerSideEncryption": "aws:kms", "StorageClass": ...}``:
+            those both PutObject and CreateMultipartUpload take. Each request gets the ones its operation takes
+            (SSE-C keys also go with every part, the complete, HEAD and GET; ``RequestPayer`` and
+            ``ExpectedBucketOwner`` with every request). Keys ckptcloud sets itself (``Metadata``, ``Checksum*``,
+            ...) raise ``ValueError`` here.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
             ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.

@@ -5,7 +5,7 @@
 #   --xla      also set up the torch_xla environment (torch 2.9.0 + torch-xla 2.9.0, ~4 GB once), collect tests/xla
 #   --minimal  run in .venv-min: torch, ckptcloud[all] and the test tools only (no numpy, no dev extras), so a
 #              runtime dependency that only the dev extra installs fails here instead of for users
-#   --floors   run in .venv-floor: each cloud SDK (and google-crc32c) at the lowest version pyproject.toml allows
+#   --floors   run in .venv-floor: each cloud SDK (and crc32c) at the lowest version pyproject.toml allows
 #              (scripts/floors.py), so a floor that is too low fails here instead of for users
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ckptcloud.errors import CkptcloudError, ObjectChangedError, TransientError
+from ckptcloud.errors import ObjectChangedError, TransientError, UploadGoneError
 
 logger = logging.getLogger("ckptcloud")
 
@@ -31,11 +31,6 @@ TRANSIENT = {
     "EC2ThrottledException", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
     "OperationAborted", "BadDigest", "500", "502", "503", "504", "429",
 }  # fmt: skip
-
-
-class UploadGoneError(CkptcloudError):
-    """A multipart upload disappeared before it was completed (aborted by ``cleanup_incomplete`` or a lifecycle
-    rule, or expired), and the object at its key is not the one it would have made. Nothing was saved."""
 
 
 def error_code(err: Any) -> str:

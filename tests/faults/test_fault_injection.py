@@ -44,7 +44,7 @@ PART_SIZE = {"s3": 5 * MiB, "gcs": 2 * MiB, "azure": 1 * MiB}
 AZURITE_API_VERSION = "2025-11-05"
 FAST_RETRY = Retry(max_attempts=10, initial_backoff=0.01, max_backoff=0.2)
 SHORT_RETRY = Retry(max_attempts=3, initial_backoff=0.05, max_backoff=0.2, deadline=5)
-SAVES_PER_RATE = {"gcs": 3}  # others 5; google's SDK retries (1 s first backoff) make GCS the slow one
+SAVES_PER_RATE = {"gcs": 3}  # others 5; fake-gcs-server is the slowest emulator through the proxy
 KILL_TRIALS = 10
 
 
@@ -72,7 +72,8 @@ def port_of(url: str) -> int:
 
 # ------------------------------------------------------------------------------------------ savers via a proxy
 def s3_saver(bucket: str, endpoint: str, *, fail_fast: bool = False, **options: Any) -> RemoteSaver:
-    """The library's own client (3 SDK attempts inside each pipeline attempt), or one with SDK retries off."""
+    """The library's own client (SDK retries off, metadata/data read timeouts), or one built here with SDK retries
+    off and short timeouts (``fail_fast``)."""
     from ckptcloud.savers import S3Saver
     from ckptcloud.stores.s3 import make_s3_client
 
@@ -113,11 +114,8 @@ def azure_connection_string(endpoint: str) -> str:
 
 
 def azure_saver(container: str, endpoint: str, **options: Any) -> RemoteSaver:
-    """A client with the SDK's own retries off (``retry_total=0``): the pipeline's ``Retry`` does all retrying.
-
-    ``AzureBlobSaver(connection_string=...)`` keeps the SDK default ``ExponentialRetry(initial_backoff=15,
-    increment_base=3)``: every transient fault then sleeps about 15 s, then 18 s (+-3 s) before the pipeline sees it.
-    """
+    """A client with the SDK's own retries off (``retry_total=0``, as the clients ckptcloud builds have): the
+    pipeline's ``Retry`` does all retrying."""
     from azure.storage.blob import ContainerClient
 
     from ckptcloud.savers import AzureBlobSaver
