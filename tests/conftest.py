@@ -184,6 +184,16 @@ def _azurite_api_version() -> str:
 AZURITE_API_VERSION = _azurite_api_version()
 
 
+@pytest.fixture(scope="session")
+def azurite_blob_endpoint(azure_endpoint: Emulator) -> str:
+    """Azurite's blob endpoint without credentials, e.g. ``http://127.0.0.1:PORT/devstoreaccount1``, for tests that
+    sign their own SAS tokens with Azurite's well-known key."""
+    if servers.AZURITE_KEY not in azure_endpoint.url:
+        pytest.skip("signs SAS tokens with Azurite's well-known key, and this Azure endpoint uses another")
+    fields = dict(part.split("=", 1) for part in azure_endpoint.url.split(";") if part)
+    return fields["BlobEndpoint"].rstrip("/")
+
+
 @pytest.fixture
 def azure_container(azure_service: object) -> Iterator[str]:
     """A new, empty container on Azurite for one test (deleted afterwards)."""

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import requests
@@ -136,3 +137,12 @@ def stub_fixture() -> Iterator[Callable[[Route], Stub]]:
     yield start
     for stub in started:
         stub.__exit__()
+
+
+def keys(gcs_client: Any, bucket: str) -> list[str]:
+    """Every object name in ``bucket``, sorted."""
+    return sorted(blob.name for blob in gcs_client.list_blobs(bucket))
+
+
+def object_bytes(gcs_client: Any, bucket: str, key: str) -> bytes:
+    return gcs_client.bucket(bucket).blob(key).download_as_bytes()

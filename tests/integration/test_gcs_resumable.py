@@ -21,19 +21,11 @@ from ckptcloud.savers import GCSSaver
 from ckptcloud.stores.base import Precondition
 from ckptcloud.stores.gcs import TMP_FOLDER, GCSStore
 from tests.helpers import assert_same, stored_bytes
-from tests.integration.gcs_stubs import Stub, client, gcs_error, recording_client
+from tests.integration.gcs_stubs import Stub, client, gcs_error, keys, object_bytes, recording_client
 
 KiB = 1024
 MiB = 1024 * KiB
 pytestmark = pytest.mark.integration
-
-
-def keys(gcs_client, bucket: str) -> list[str]:
-    return sorted(blob.name for blob in gcs_client.list_blobs(bucket))
-
-
-def object_bytes(gcs_client, bucket: str, key: str) -> bytes:
-    return gcs_client.bucket(bucket).blob(key).download_as_bytes()
 
 
 def resumable(bucket: str, gcs_client, prefix: str = "run", **options) -> GCSSaver:

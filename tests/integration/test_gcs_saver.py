@@ -20,18 +20,11 @@ from ckptcloud.savers import GCSSaver
 from ckptcloud.stores import gcs
 from ckptcloud.stores.gcs import TMP_FOLDER, GCSStore
 from tests.helpers import assert_same, dtype_zoo, stored_bytes, training_state
+from tests.integration.gcs_stubs import keys, object_bytes
 
 KiB = 1024
 MiB = 1024 * KiB
 pytestmark = pytest.mark.integration
-
-
-def keys(client, bucket: str) -> list[str]:
-    return sorted(blob.name for blob in client.list_blobs(bucket))
-
-
-def object_bytes(client, bucket: str, key: str) -> bytes:
-    return client.bucket(bucket).blob(key).download_as_bytes()
 
 
 def spy_composes(monkeypatch) -> list[tuple[str, int]]:
