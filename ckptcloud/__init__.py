@@ -26,6 +26,7 @@ from ckptcloud.errors import (
     UploadGoneError,
 )
 from ckptcloud.handlers import BaseSaveHandler, DiskSaver
+from ckptcloud.model_checkpoint import ModelCheckpoint
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.retry import Retry
 from ckptcloud.savers import AzureBlobSaver, GCSSaver, S3Saver
@@ -40,6 +41,7 @@ __all__ = [
     "GCSSaver",
     "IntegrityError",
     "LocalWriteError",
+    "ModelCheckpoint",
     "ObjectChangedError",
     "RemoteSaveError",
     "RemoteSaver",
