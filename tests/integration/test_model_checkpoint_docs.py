@@ -5,7 +5,8 @@ The examples come from ignite's docstrings (``ModelCheckpoint``, ``Checkpoint.lo
 with ckptcloud's imports against a local folder and against an ``s3://`` URL on a real moto server. Only the
 folder changes: ``'/tmp/models'`` (or the temporary directory) becomes a test folder or ``s3://bucket/models``. Where
 an example then needs a local path (``Path(tmpdirname) / name`` and ``torch.load``), the s3 form uses the URL and
-``ckptcloud.load_checkpoint``; that is marked in the test.
+``ckptcloud.load_checkpoint``; that is marked in the test. The class example also runs with ``gs://`` and ``az://``
+URLs (fake-gcs-server, Azurite).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ignite.handlers import global_step_from_engine
 from torch import nn
 
 from ckptcloud import Checkpoint, ModelCheckpoint, S3Saver, load_checkpoint
+from tests.conftest import AZURITE_API_VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -281,4 +283,34 @@ def test_last_checkpoint_of_an_s3_url_is_the_objects_url_and_loads(s3):
     assert handler.last_checkpoint == f"s3://{bucket}/runs/a/best_model_7.pt"
     fresh = torch.nn.Linear(2, 2)
     Checkpoint.load_objects({"model": fresh}, handler.last_checkpoint)
+    assert torch.equal(fresh.weight, model.weight)
+
+
+@pytest.fixture(params=["gs", "az"])
+def other_cloud(request, monkeypatch):
+    """``(url, listdir)`` for a fresh GCS bucket (fake-gcs-server) or Azure container (Azurite), by URL."""
+    if request.param == "gs":
+        endpoint, client = request.getfixturevalue("gcs_endpoint"), request.getfixturevalue("gcs_client")
+        bucket = request.getfixturevalue("gcs_bucket")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", endpoint.url)
+        return f"gs://{bucket}/models", lambda: sorted(b.name[len("models/") :] for b in client.list_blobs(bucket))
+    endpoint, service = request.getfixturevalue("azure_endpoint"), request.getfixturevalue("azure_service")
+    container = request.getfixturevalue("azure_container")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", endpoint.url)
+    monkeypatch.setenv("AZURE_STORAGE_API_VERSION", AZURITE_API_VERSION)
+    blobs = service.get_container_client(container)
+    return f"az://{container}/models", lambda: sorted(b.name[len("models/") :] for b in blobs.list_blobs())
+
+
+def test_model_checkpoint_docstring_example_with_gs_and_az_urls(other_cloud):
+    dirname, listdir = other_cloud
+    trainer = Engine(lambda engine, batch: None)
+    handler = ModelCheckpoint(dirname, "myprefix", n_saved=2, create_dir=True, require_empty=False)
+    model = nn.Linear(3, 3)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=2), handler, {"mymodel": model})
+    trainer.run([0, 1, 2, 3, 4], max_epochs=6)
+    assert listdir() == ["myprefix_mymodel_20.pt", "myprefix_mymodel_30.pt"]
+    assert handler.last_checkpoint == f"{dirname}/myprefix_mymodel_30.pt"
+    fresh = nn.Linear(3, 3)
+    handler.reload_objects({"mymodel": fresh}, global_step=30)
     assert torch.equal(fresh.weight, model.weight)
