@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ckptcloud._retention import guarded_load
 from ckptcloud._tree import tree_apply2, tree_leaves
 
 
@@ -54,8 +55,9 @@ class Loading:
         )
         checkpoint = load(filename, mmap=False)  # the tensors go on to live in the objects: no mapped file
         self.load_objects(to_load, checkpoint, **(load_kwargs or {}))
+        self._guard_names([filename])  # type: ignore[attr-defined]  # the resume guard: kept until a newer commit
 
-    @staticmethod
+    @guarded_load  # a staticmethod on the class; on an instance it also feeds the resume guard
     def load_objects(
         to_load: Mapping,
         checkpoint: Mapping | str | Path,

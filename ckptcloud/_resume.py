@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 from ckptcloud import distributed
 from ckptcloud.contract import ObjectInfo, is_save_handler
+from ckptcloud.policies import CheckpointInfo
 
 logger = logging.getLogger("ckptcloud")
 
@@ -130,15 +131,18 @@ class Resume:
     run_id: str
     _run_id_given: bool
     _saved: list[Any]
+    _records: dict[str, CheckpointInfo]
 
     def resume(self) -> list[Any]:
         """Rebuild the kept list from the checkpoints stored under the save handler's folder or prefix.
 
         Only filenames this checkpoint's own pattern could have produced count (and, where the object carries
         ckptcloud's metadata, only those with this checkpoint's basename); anything else is never touched.
-        Priorities are the exact ones saved with each object, else what the filename shows. If more than
-        ``n_saved`` match (a crash between a save and its eviction), the lowest are removed, so retention
-        converges back to ``n_saved``. ``Checkpoint(..., resume=True)`` calls this at construction.
+        Priorities, steps, save times and scores are the exact ones saved with each object, else what the filename
+        shows (and the object's modification time). If more than ``n_saved`` match (a crash between a save and its
+        eviction), or ``keep=`` does not keep some of them, those are removed, so retention converges back; the
+        checkpoint the run resumes from (``last_checkpoint``) and any it loaded are kept until this run commits a
+        newer one (see ``guarded``). ``Checkpoint(..., resume=True)`` calls this at construction.
 
         Returns:
             The kept list, lowest priority first.
@@ -171,10 +175,10 @@ class Resume:
         # The writing rank lists; every rank gets its listing, or raises its error.
         shared = distributed.share(self.save_on_rank, listing, "listing checkpoints")
         stored = {name: ObjectInfo(**info) for name, info in shared.items()}
+        self._records = {}
         items = self._adopt_run(self._matching_items(stored, regexes), stored)
-        extra = len(items) - self.n_saved if self.n_saved is not None else 0
-        self._saved = items[max(extra, 0) :]
-        self._remove_surplus([item.filename for item in items[: max(extra, 0)]])
+        self._records = {item.filename: self._records[item.filename] for item in items}
+        self._remove_surplus(self._retain_found(items))  # type: ignore[attr-defined]
         return list(self._saved)
 
     def _remove_surplus(self, filenames: list[str]) -> None:
@@ -252,7 +256,37 @@ class Resume:
             if priority is None or is_non_finite(priority):
                 continue
             items.append(self.Item(priority, filename))
+            self._records[filename] = self._info_from_name(filename, priority, metadata, info.last_modified, match)
         return sorted(items, key=lambda item: item.priority)
+
+    def _info_from_name(
+        self,
+        filename: str,
+        priority: Any,
+        metadata: Mapping[str, str] | None = None,
+        last_modified: float | None = None,
+        match: re.Match[str] | None = None,
+    ) -> CheckpointInfo:
+        """What policies know of a stored checkpoint: the step, save time and score in its metadata, else what its
+        filename shows, the object's modification time, and its priority (the score when it has one, else the
+        step)."""
+        metadata = metadata or {}
+        if match is None:
+            try:
+                match = next((m for m in (r.fullmatch(filename) for r in self._filename_regexes()) if m), None)
+            except ValueError:  # a filename_pattern with fields resume cannot read
+                match = None
+        groups = match.groupdict() if match is not None else {}
+        step, score = parse_priority(metadata.get("ckptcloud_step")), parse_priority(metadata.get("ckptcloud_score"))
+        saved_at = parse_priority(metadata.get("ckptcloud_time"))
+        if "ckptcloud_score" not in metadata and (groups.get("score") is not None or self.score_function is not None):
+            score = priority
+        if step is None and groups.get("global_step") is not None:
+            step = int(groups["global_step"])
+        if step is None and score is None and isinstance(priority, int):
+            step = priority  # a checkpoint without a score is ranked by its step
+        time = saved_at if saved_at is not None and not is_non_finite(saved_at) else last_modified
+        return CheckpointInfo(filename, step if isinstance(step, int) else None, time, score, priority)
 
 
 def _takes_select(describe: Any) -> bool:

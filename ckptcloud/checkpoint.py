@@ -10,6 +10,8 @@ from ignite"):
   ``TypeError`` raised inside a save propagates instead of running the save a second time.
 * **NaN and infinite scores** are never kept and never evict anything (warned once).
 * ``load_state_dict`` sorts the kept list; ``include_self`` with one object keeps the payload a mapping.
+* ``keep=`` takes a retention policy (``ckptcloud.policies``) in place of ``n_saved``; the checkpoint a run resumed
+  from, or loaded through ``ckpt.load_objects``, is kept until a newer one is committed (see ``_retention``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ckptcloud import distributed
+from ckptcloud import _retention, distributed
 from ckptcloud._ignite import SavedCheckpointEvent, fire_saved_event
 from ckptcloud._loading import Loading, check_objects
 from ckptcloud._naming import Naming, check_name_arguments
 from ckptcloud._payload import state_dicts
 from ckptcloud._resume import Resume, as_priority, is_non_finite
+from ckptcloud._retention import DEFAULT_N_SAVED, Retention, check_keep, step_of
 from ckptcloud.background import BackgroundWriter
 from ckptcloud.contract import BaseSaveHandler, is_save_handler, metadata_mode
 from ckptcloud.handlers import DiskSaver
+from ckptcloud.policies import CheckpointInfo, Policy
 from ckptcloud.snapshot import snapshot
 
 logger = logging.getLogger("ckptcloud")
@@ -38,12 +42,14 @@ logger = logging.getLogger("ckptcloud")
 SaveHandler = Callable[..., Any]
 
 
-class Checkpoint(Naming, Resume, Loading):
-    """Save objects with ``state_dict`` periodically and keep only the best ``n_saved`` of them.
+class Checkpoint(Naming, Resume, Loading, Retention):
+    """Save objects with ``state_dict`` periodically and keep only the best ``n_saved`` of them, or what a retention
+    policy keeps (``keep=BestN(3) | LatestN(1)``, see :mod:`ckptcloud.policies`).
 
     Use it as an ignite event handler (``engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)``) or in a
     plain loop with :meth:`save`. ``save_handler`` is a save handler (``DiskSaver``, ``S3Saver``, ...), a callable
-    ``(checkpoint, filename[, metadata])``, a local folder, or a URL such as ``s3://bucket/prefix``.
+    ``(checkpoint, filename[, metadata])``, a local folder, or a URL such as ``s3://bucket/prefix``. With ``keep=``
+    a save the policy would not keep is skipped before anything is uploaded; ``n_saved`` cannot be passed too.
 
     Example:
         >>> import tempfile, torch
@@ -71,7 +77,7 @@ class Checkpoint(Naming, Resume, Loading):
         filename_prefix: str = "",
         score_function: Callable[[Any], Any] | None = None,
         score_name: str | None = None,
-        n_saved: int | None = 1,
+        n_saved: int | None = DEFAULT_N_SAVED,
         global_step_transform: Callable[[Any, Any], Any] | None = None,
         filename_pattern: str | None = None,
         include_self: bool = False,
@@ -80,6 +86,7 @@ class Checkpoint(Naming, Resume, Loading):
         resume: bool = False,
         async_save: bool = False,
         run_id: str | None = None,
+        keep: Policy | None = None,
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
@@ -103,6 +110,7 @@ class Checkpoint(Naming, Resume, Loading):
         check_name_arguments(filename_prefix, score_name)
         if n_saved is not None and (isinstance(n_saved, bool) or not isinstance(n_saved, int) or n_saved < 1):
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}")
+        check_keep(keep, n_saved)
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
             raise ValueError(f"Argument `run_id` should be a non-empty string or None, but given {run_id!r}")
 
@@ -113,14 +121,13 @@ class Checkpoint(Naming, Resume, Loading):
         self.score_name = score_name
         if score_name is not None and score_function is None:
             self.score_function = self.get_default_score_fn(score_name)
-        self.n_saved = n_saved
+        self._init_retention(n_saved, keep)
         self.ext = "pt"
         self.global_step_transform = global_step_transform
         self.filename_pattern = filename_pattern
         self.include_self = include_self
         self.greater_or_equal = greater_or_equal
         self.save_on_rank = save_on_rank
-        self._saved: list[Checkpoint.Item] = []
         self._metadata_mode = metadata_mode(self.save_handler)
         self._warned_nan = False
         self._background = BackgroundWriter(save_on_rank) if async_save else None
@@ -203,35 +210,26 @@ class Checkpoint(Naming, Resume, Loading):
 
     def _save(self, inputs: Callable[[], tuple[Any, Any, bool]], engine: Any) -> str | None:
         self.wait()  # async: the previous save is stored and its bookkeeping done before this one is ranked
-        plan = self._agree_on_plan(inputs)
-        if plan is None:
+        self._plans += 1
+        seq = self._plans  # the resume guard: what is guarded after this point outlives this save's evictions
+        shared = self._agree_on_plan(inputs)
+        if shared is None:
             return None
+        plan = self._completed(shared)
         filename: str = plan["filename"]
-        priority = plan["priority"]
         payload: Any = self._setup_checkpoint()
         if len(payload) == 1 and not self.include_self:
             payload = payload[self._name()]
-        metadata = {"basename": self._basename(), "score_name": self.score_name, "priority": priority}
-        if getattr(self.save_handler, "stores_run_id", False):  # remote savers keep it; others get ignite's keys
-            metadata["run"] = self.run_id
-
-        kept = list(self._saved)
-        evicted: list[Checkpoint.Item] = []
-        same = [i for i, item in enumerate(kept) if item.filename == filename]
-        if same:
-            kept.pop(same[0])  # overwritten in place by the save below, never deleted
-        elif not self._check_lt_n_saved():
-            evicted.append(kept.pop(0))
-        kept.append(Checkpoint.Item(priority, filename))
-        kept.sort(key=lambda item: item.priority)
+        metadata = {"basename": self._basename(), "score_name": self.score_name, "priority": plan["priority"]}
+        if getattr(self.save_handler, "stores_run_id", False):  # remote savers keep these; others get ignite's keys
+            metadata.update(run=self.run_id, step=plan["step"], time=plan["time"], score=plan["score"])
         if self.include_self:
-            payload["checkpointer"] = {"_saved": [(p, f) for p, f in kept]}
+            payload["checkpointer"] = self._state_after(plan)
 
         # Write first, then evict: if the write raises, nothing has changed.
         def finish() -> None:
-            self._saved = kept
-            for item in evicted:
-                self._remove(item.filename)
+            for name in self._commit(plan, seq):
+                self._remove(name)
             if engine is not None and hasattr(engine, "fire_event"):
                 fire_saved_event(engine)
 
@@ -247,7 +245,8 @@ class Checkpoint(Naming, Resume, Loading):
         return filename
 
     def _plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
-        """This rank's decision: ``{"filename", "priority"}`` of the checkpoint to save, or ``None`` to skip it."""
+        """This rank's decision, or ``None`` to skip the save: the checkpoint's ``filename``, ``priority``,
+        ``step``, save ``time`` and ``score``, and the kept filenames to ``evict`` once it is committed."""
         raw_priority, global_step, with_score = inputs()
         priority = as_priority(raw_priority)
         if is_non_finite(priority):
@@ -260,7 +259,7 @@ class Checkpoint(Naming, Resume, Loading):
                 )
                 self._warned_nan = True
             return None
-        if not (self._check_lt_n_saved() or self._compare_fn(priority)):
+        if not self._passes_n_saved(priority):
             return None
         filename = self._filename(with_score=with_score, score=priority, global_step=global_step)
         same_name = next((item for item in self._saved if item.filename == filename), None)
@@ -274,7 +273,12 @@ class Checkpoint(Naming, Resume, Loading):
                 stacklevel=5,
             )
             return None
-        return {"filename": filename, "priority": priority}
+        score = priority if with_score else None
+        candidate = CheckpointInfo(filename, step_of(global_step), _retention.save_time(), score, priority)
+        evict = self._evictions(candidate)
+        if evict is None:  # the policy would not keep it: no upload that would be deleted at once
+            return None
+        return {"filename": filename, "priority": priority, "evict": evict, **_record(candidate)}
 
     def _agree_on_plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
         """The writing rank's plan, on every rank; a rank whose own plan differs follows it with a warning."""
@@ -290,7 +294,7 @@ class Checkpoint(Naming, Resume, Loading):
             return mine
 
         plan: dict[str, Any] | None = distributed.share(self.save_on_rank, writers_plan, "deciding the next save")
-        if plan != mine:
+        if _decision(plan) != _decision(mine):
             warnings.warn(
                 f"rank {distributed.get_rank()} follows rank {self.save_on_rank}, which {_describe_plan(plan)}, "
                 f"although this rank {_describe_plan(mine)}: the ranks passed different scores or steps. Reduce "
@@ -345,45 +349,6 @@ class Checkpoint(Naming, Resume, Loading):
     def _setup_checkpoint(self) -> dict[str, Any]:
         return state_dicts(self.to_save, self.save_on_rank)
 
-    def _check_lt_n_saved(self) -> bool:
-        return self.n_saved is None or len(self._saved) < self.n_saved
-
-    def _compare_fn(self, new: Any) -> bool:
-        if self.greater_or_equal:
-            return bool(new >= self._saved[0].priority)
-        return bool(new > self._saved[0].priority)
-
-    # ------------------------------------------------------------------------------------ state and helpers
-    @property
-    def last_checkpoint(self) -> str | Path | None:
-        """The highest-priority kept filename (a ``Path`` for a ``DiskSaver``), ``None`` when nothing is kept."""
-        if not self._saved:
-            return None
-        filename = self._saved[-1].filename
-        dirname = getattr(self.save_handler, "dirname", None)
-        if isinstance(dirname, Path):  # ckptcloud's or ignite's DiskSaver
-            return dirname / filename
-        return filename
-
-    def state_dict(self) -> dict[str, list[tuple[Any, str]]]:
-        """The kept list as ``{"_saved": [(priority, filename), ...]}``, lowest priority first."""
-        return {"_saved": [(p, f) for p, f in self._saved]}
-
-    def load_state_dict(self, state_dict: Mapping) -> None:
-        """Replace the kept list with the one in ``state_dict`` (sorted by priority)."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"Argument state_dict should be a dictionary, but given {type(state_dict)}")
-        if "_saved" not in state_dict:
-            raise ValueError(
-                f"Required state attribute '_saved' is absent in provided state_dict '{list(state_dict.keys())}'"
-            )
-        items = [Checkpoint.Item(p, f) for p, f in state_dict["_saved"]]
-        self._saved = sorted(items, key=lambda item: item.priority)
-
-    def reset(self) -> None:
-        """Forget the kept list; stored checkpoints are not deleted."""
-        self._saved = []
-
 
 def _describe_plan(plan: dict[str, Any] | Exception | None) -> str:
     if plan is None:
@@ -391,3 +356,12 @@ def _describe_plan(plan: dict[str, Any] | Exception | None) -> str:
     if isinstance(plan, Exception):
         return f"failed to decide ({type(plan).__name__}: {plan})"
     return f"saves {plan['filename']}"
+
+
+def _decision(plan: dict[str, Any] | Exception | None) -> Any:
+    """What ranks must agree on (each rank's own save time and evictions may differ; the writer's are used)."""
+    return (plan["filename"], plan["priority"]) if isinstance(plan, dict) else plan
+
+
+def _record(info: CheckpointInfo) -> dict[str, Any]:
+    return {"step": info.step, "time": info.time, "score": info.score}

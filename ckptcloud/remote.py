@@ -347,17 +347,25 @@ class RemoteSaver(BaseSaveHandler):
 
 
 def _object_metadata(metadata: Mapping | None) -> dict[str, str]:
-    """Retention metadata stored with the object (the exact priority, not the 4-decimal filename text).
+    """Retention metadata stored with the object (the exact priority, not the 4-decimal filename text), and what
+    retention policies read after a restart: the step, the save time (unix seconds) and the score.
 
     Keys are identifiers (Azure requires it) and values are percent-encoded ASCII (S3 and Azure require it).
     """
     if not metadata:
         return {}
+
+    def number(key: str) -> str | None:
+        return None if metadata.get(key) is None else format_priority(metadata[key])
+
     fields = {
-        "ckptcloud_priority": None if metadata.get("priority") is None else format_priority(metadata["priority"]),
+        "ckptcloud_priority": number("priority"),
         "ckptcloud_score_name": metadata.get("score_name"),
         "ckptcloud_basename": metadata.get("basename"),
         "ckptcloud_run": metadata.get("run"),
+        "ckptcloud_step": number("step"),
+        "ckptcloud_time": number("time"),
+        "ckptcloud_score": number("score"),
     }
     return {key: quote(str(value), safe="") for key, value in fields.items() if value is not None}
 
