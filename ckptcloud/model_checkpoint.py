@@ -1,8 +1,11 @@
 """``ModelCheckpoint``: PyTorch-Ignite's ``ModelCheckpoint`` (0.5.5) on ckptcloud's retention engine.
 
-Same signature, defaults, filenames, ``last_checkpoint`` and errors as ignite's, and ``dirname`` may also be a URL
-(``s3://bucket/prefix``, ``gs://...``, ``az://...``, ``file:///abs/dir``). It is a :class:`~ckptcloud.Checkpoint`,
-so it keeps ckptcloud's differences from ignite (write, then evict; NaN scores never kept; ...).
+Same signature, defaults, filenames, ``last_checkpoint`` and folder errors as ignite's, and ``dirname`` may also be a
+URL (``s3://bucket/prefix``, ``gs://...``, ``az://...``, ``file:///abs/dir``). It is a :class:`~ckptcloud.Checkpoint`,
+so it keeps ckptcloud's differences from ignite (write, then evict; NaN scores never kept; ...; README, "Differences
+from ignite"). Its own: bad keywords and flags are refused when the handler is made, not at the first save;
+``to_save`` must be a mapping, and with ``include_self`` may not hold a ``"checkpointer"`` (ignite overwrites it);
+``last_checkpoint`` of an object store is the object's URL (ignite's only supports folders).
 """
 
 from __future__ import annotations
@@ -35,6 +38,20 @@ def _torch_save_arguments() -> tuple[str, ...]:
 
 
 _TORCH_SAVE_ARGUMENTS = _torch_save_arguments()
+
+
+def _check_torch_save_arguments(kwargs: Mapping[str, Any], remote: bool) -> None:
+    unknown = sorted(set(kwargs) - set(_TORCH_SAVE_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"ModelCheckpoint got an unexpected keyword argument `{unknown[0]}`: its **kwargs go to torch.save "
+            f"({', '.join(_TORCH_SAVE_ARGUMENTS)})" + (" or to the URL's saver" if remote else "")
+        )
+
+
+def _is_cloud_url(dirname: Any) -> bool:
+    """``s3://``, ``gs://``, ``az://`` (and unknown schemes, which the saver refuses); not ``file://``."""
+    return isinstance(dirname, str) and "://" in dirname and not dirname.lower().startswith("file://")
 
 
 def _check_flag(value: Any, argument: str) -> None:
@@ -126,15 +143,13 @@ class ModelCheckpoint(Checkpoint):
             raise TypeError(
                 f"Argument `{name}` was removed from ignite's ModelCheckpoint in 0.5.0: {_REMOVED_IN_IGNITE_0_5[name]}"
             )
+        remote = _is_cloud_url(dirname)
+        if not remote:  # before the folder is made: for a folder, every keyword goes to torch.save
+            _check_torch_save_arguments(kwargs, remote)
         # Like ignite, the saver comes first: a non-empty or missing folder is reported before other arguments.
         saver = self._make_saver(dirname, atomic, require_empty, create_dir, save_on_rank, kwargs)
-        unknown = sorted(set(getattr(saver, "kwargs", {})) - set(_TORCH_SAVE_ARGUMENTS))
-        if unknown:
-            raise TypeError(
-                f"ModelCheckpoint got an unexpected keyword argument `{unknown[0]}`: its **kwargs go to torch.save "
-                f"({', '.join(_TORCH_SAVE_ARGUMENTS)})"
-                + (" or to the saver of the URL" if isinstance(dirname, str) and "://" in dirname else "")
-            )
+        if remote:  # the saver took its own options; what is left goes to torch.save
+            _check_torch_save_arguments(getattr(saver, "kwargs", {}), remote)
         super().__init__(
             to_save={"_": _NoObjectsYet()},  # ckptcloud's Checkpoint wants objects; ignite's ModelCheckpoint has {}
             save_handler=saver,
@@ -156,12 +171,12 @@ class ModelCheckpoint(Checkpoint):
     ) -> Any:
         options: dict[str, Any] = {"require_empty": require_empty, "save_on_rank": save_on_rank, **kwargs}
         if isinstance(dirname, str) and "://" in dirname:
-            from ckptcloud.urls import saver_from_url, split_url
+            from ckptcloud.urls import saver_from_url
 
-            if split_url(dirname)[0] == "file":
-                return saver_from_url(dirname, atomic=atomic, create_dir=create_dir, **options)
-            # Object stores publish whole objects only and have no folders: atomic and create_dir do not apply.
-            return saver_from_url(dirname, **options)
+            if _is_cloud_url(dirname):
+                # Object stores publish whole objects only and have no folders: atomic and create_dir do not apply.
+                return saver_from_url(dirname, **options)
+            return saver_from_url(dirname, atomic=atomic, create_dir=create_dir, **options)
         return DiskSaver(dirname, atomic=atomic, create_dir=create_dir, **options)
 
     @property

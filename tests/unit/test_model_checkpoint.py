@@ -409,6 +409,7 @@ def test_an_unknown_keyword_is_refused_when_the_handler_is_made_not_at_the_first
         TypeError, match=r"unexpected keyword argument `pickle_protokol`: its \*\*kwargs go to torch.save"
     ):
         ModelCheckpoint(tmp_path / "ours", pickle_protokol=4)
+    assert not (tmp_path / "ours").exists()  # refused before the folder is made
 
 
 @pytest.mark.parametrize("argument", ["atomic", "require_empty", "create_dir"])
