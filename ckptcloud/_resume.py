@@ -145,7 +145,7 @@ class Resume:
         newer one (see ``guarded``). ``Checkpoint(..., resume=True)`` calls this at construction.
 
         Returns:
-            The kept list, lowest priority first.
+            The kept list, lowest priority first (equal priorities in the order they were saved).
 
         Example:
             >>> import tempfile, torch
@@ -257,7 +257,7 @@ class Resume:
                 continue
             items.append(self.Item(priority, filename))
             self._records[filename] = self._info_from_name(filename, priority, metadata, info.last_modified, match)
-        return sorted(items, key=lambda item: item.priority)
+        return sorted(items, key=lambda item: (item.priority, *_save_order(self._records[item.filename])))
 
     def _info_from_name(
         self,
@@ -287,6 +287,11 @@ class Resume:
             step = priority  # a checkpoint without a score is ranked by its step
         time = saved_at if saved_at is not None and not is_non_finite(saved_at) else last_modified
         return CheckpointInfo(filename, step if isinstance(step, int) else None, time, score, priority)
+
+
+def _save_order(info: CheckpointInfo) -> tuple[Any, ...]:
+    """Equal priorities in the order they were saved (save time, then step), as an uninterrupted run has them."""
+    return (info.time is not None, info.time or 0.0, info.step is not None, info.step or 0, info.name)
 
 
 def _takes_select(describe: Any) -> bool:

@@ -277,7 +277,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         candidate = CheckpointInfo(filename, step_of(global_step), _retention.save_time(), score, priority)
         evict = self._evictions(candidate)
         if evict is None:  # the policy would not keep it: no upload that would be deleted at once
-            return None
+            return {"filename": filename, "priority": priority, "skip": True}  # ranks' clocks may differ: no warning
         return {"filename": filename, "priority": priority, "evict": evict, **_record(candidate)}
 
     def _agree_on_plan(self, inputs: Callable[[], tuple[Any, Any, bool]]) -> dict[str, Any] | None:
@@ -302,7 +302,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        return plan
+        return None if plan is None or plan.get("skip") else plan
 
     def _writes_here(self) -> bool:
         """Whether the save handler writes on this rank (ckptcloud's and ignite's savers write on one rank only)."""
@@ -351,7 +351,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
 
 
 def _describe_plan(plan: dict[str, Any] | Exception | None) -> str:
-    if plan is None:
+    if plan is None or (isinstance(plan, dict) and plan.get("skip")):
         return "skips this save"
     if isinstance(plan, Exception):
         return f"failed to decide ({type(plan).__name__}: {plan})"
