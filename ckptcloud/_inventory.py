@@ -40,6 +40,11 @@ def _rank(name: str, meta: dict[str, str]) -> tuple[int | None, float | None]:
             score = float(value)
         else:
             step = value
+    exact_step, exact_score = parse_priority(meta.get("ckptcloud_step")), _number(meta.get("ckptcloud_score", ""))
+    if isinstance(exact_step, int):  # saved by ckptcloud since retention policies: the step and score themselves
+        step = exact_step
+    if exact_score is not None:
+        score = exact_score
     return step, score
 
 
@@ -66,8 +71,15 @@ def _series(name: str, meta: dict[str, str]) -> tuple[str, str]:
     return base, f"{base} ({score_name})" if score_name else base
 
 
-def listing_rows(saver: Any) -> list[dict[str, Any]]:
-    """One row per checkpoint of ``saver``: name, step, score, size, time (UTC, ISO) and series (label and basename)."""
+def _saved_at(meta: dict[str, str], mtime: float | None) -> float | None:
+    """When a checkpoint was saved (unix seconds): the save time in its metadata, else its modification time."""
+    exact = _number(meta.get("ckptcloud_time", ""))
+    return exact if exact is not None else mtime
+
+
+def listing_rows(saver: Any, *, with_saved_at: bool = False) -> list[dict[str, Any]]:
+    """One row per checkpoint of ``saver``: name, step, score, size, time (UTC, ISO) and series (label and basename);
+    with ``with_saved_at``, also ``saved_at``: the save time in unix seconds, as retention policies read it."""
     items = [(n, info.size, info.last_modified, info.metadata) for n, info in saver.describe().items()]
     rows = []
     for name, size, mtime, meta in items:
@@ -77,4 +89,6 @@ def listing_rows(saver: Any) -> list[dict[str, Any]]:
         rows.append(
             {"name": name, "step": step, "score": score, "size": size, "time": when, "series": series, "base": base}
         )
+        if with_saved_at:
+            rows[-1]["saved_at"] = _saved_at(meta, mtime)
     return rows

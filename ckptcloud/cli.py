@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from ckptcloud._tree import tree_leaves
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import CkptcloudError, IntegrityError
 from ckptcloud.handlers import DiskSaver, atomic_write, check_filename
+from ckptcloud.policies import AnyOf, BestN, CheckpointInfo, EveryNSeconds, EveryNSteps, LatestN, Policy
 from ckptcloud.streaming import PartWriter, choose_part_size
 from ckptcloud.urls import saver_from_url, split_url
 
@@ -260,27 +262,72 @@ def _rm(args: argparse.Namespace) -> None:
     print(f"deleted {args.url}")
 
 
-def _prune(args: argparse.Namespace) -> None:
-    saver, by = _folder_saver(args.url), args.by
-    rows = listing_rows(saver)  # only checkpoints whose score (or step) is known are candidates
+_POLICY_FLAGS = "--keep-best, --keep-latest, --keep-every-steps, --keep-every-seconds"
+_ROW_FIELDS = {"priority": "score", "step": "step", "time": "saved_at"}  # what each policy field is in a listing row
+
+
+def _policy(args: argparse.Namespace) -> Policy | None:
+    """The retention policy the --keep-* flags build, ``None`` without them; with them, --keep and --by are refused."""
+    parts: list[Policy] = []
+    for value, make in (
+        (args.keep_best, BestN),
+        (args.keep_latest, LatestN),
+        (args.keep_every_steps, EveryNSteps),
+        (args.keep_every_seconds, EveryNSeconds),
+    ):
+        if value is not None:
+            parts.append(make(value))
+    if parts and (args.keep is not None or args.by is not None):
+        raise CliError(2, f"--keep and --by cannot be combined with {_POLICY_FLAGS}: use one or the other")
+    if not parts and args.keep is None:
+        raise CliError(2, f"prune needs --keep N (ranked --by score or step), or one or more of {_POLICY_FLAGS}")
+    return AnyOf(*parts) if parts else None
+
+
+def _series_rows(args: argparse.Namespace, rows: list[dict[str, Any]], ranked: Callable[[dict], bool]) -> list[dict]:
+    """``rows`` of the one series to prune (``--series``); a usage error if the rankable ones span several."""
     if args.series is not None:
         rows = [r for r in rows if args.series in (r["base"], r["series"])]
         if not rows:
             raise CliError(3, f"no checkpoints of series {args.series!r} under {args.url}")
-    series = sorted({r["series"] for r in rows if r[by] is not None})
+    series = sorted({r["series"] for r in rows if ranked(r)})
     if len(series) > 1:  # ranking two series on one scale would delete the best of one of them
         raise CliError(
             2,
             f"{args.url} holds {len(series)} series of checkpoints: {', '.join(series)}. Prune one at a time: "
             f"--series NAME (e.g. --series {next(r['base'] for r in rows if r['series'] == series[0])!r})",
         )
-    ranked = sorted((r for r in rows if r[by] is not None), key=lambda r: (r[by], r["time"] or ""), reverse=True)
-    keep, drop = ranked[: args.keep], ranked[args.keep :]
+    return rows
+
+
+def _prune(args: argparse.Namespace) -> None:
+    policy = _policy(args)  # usage errors before any request
+    saver = _folder_saver(args.url)
+    rows = listing_rows(saver, with_saved_at=policy is not None)
+    if policy is None:  # --keep N --by score|step: only checkpoints whose score (or step) is known are candidates
+        by = args.by or "score"
+        rows = _series_rows(args, rows, lambda r: r[by] is not None)
+        ranked = sorted((r for r in rows if r[by] is not None), key=lambda r: (r[by], r["time"] or ""), reverse=True)
+        keep, drop, unknown, shown = ranked[: args.keep], ranked[args.keep :], by, [by]
+    else:  # only checkpoints with every field the policy reads are candidates: nothing unranked is deleted
+        needed = sorted({_ROW_FIELDS[field] for field in policy.needs})
+        rows = _series_rows(args, rows, lambda r: all(r[k] is not None for k in needed))
+        ranked = sorted(
+            (r for r in rows if all(r[k] is not None for k in needed)),
+            key=lambda r: (r["step"] is not None, r["step"] or 0, r["saved_at"] or 0.0),
+            reverse=True,
+        )
+        kept = policy(CheckpointInfo(r["name"], r["step"], r["saved_at"], r["score"], r["score"]) for r in ranked)
+        keep, drop = [r for r in ranked if r["name"] in kept], [r for r in ranked if r["name"] not in kept]
+        unknown = " or ".join("save time" if k == "saved_at" else k for k in needed)
+        shown = ["step", "score"]
+        print(f"policy: {policy!r}")
     for verb, group in (("keep", keep), ("would delete" if args.dry_run else "delete", drop)):
         for row in group:
-            print(f"{verb}  {row['name']}  ({by}={row[by]})")
-    if unranked := [r["name"] for r in rows if r[by] is None]:
-        print(f"left alone (no {by} known): {', '.join(unranked)}", file=sys.stderr)
+            print(f"{verb}  {row['name']}  ({', '.join(f'{k}={row[k]}' for k in shown if row[k] is not None)})")
+    candidates = {r["name"] for r in keep} | {r["name"] for r in drop}
+    if unranked := [r["name"] for r in rows if r["name"] not in candidates]:
+        print(f"left alone (no {unknown} known): {', '.join(unranked)}", file=sys.stderr)
     if not drop or args.dry_run:
         print("nothing deleted" + (" (dry run)" if args.dry_run else ""))
         return
@@ -320,6 +367,22 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     epilog = __doc__.split("\n\n")[1]
     parser = argparse.ArgumentParser(prog="ckptcloud", description="Manage checkpoints in storage.", epilog=epilog)
@@ -347,9 +410,24 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add("rm", _rm, "delete one object", "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
-    prune = add("prune", _prune, "keep the N best (or latest) *.pt checkpoints under URL, delete the others", "url")
-    prune.add_argument("--keep", type=_count, required=True, metavar="N", help="how many checkpoints to keep")
-    prune.add_argument("--by", choices=["score", "step"], default="score", help="highest score (default) or step")
+    prune = add(
+        "prune",
+        _prune,
+        "keep the N best (or latest) *.pt checkpoints under URL, or what a retention policy keeps (--keep-best, "
+        "--keep-latest, --keep-every-steps, --keep-every-seconds: a checkpoint is kept if any keeps it); delete "
+        "the others",
+        "url",
+    )
+    prune.add_argument("--keep", type=_count, metavar="N", help="how many checkpoints to keep")
+    prune.add_argument("--by", choices=["score", "step"], help="with --keep: highest score (default) or step")
+    policy_flags = (
+        ("--keep-best", _positive, "N", "keep the N with the highest score (ties: the newer)"),
+        ("--keep-latest", _positive, "N", "keep the N with the highest step (then the latest save time)"),
+        ("--keep-every-steps", _positive, "K", "keep every checkpoint whose step is a multiple of K"),
+        ("--keep-every-seconds", _seconds, "S", "keep at most one per S seconds of save time, oldest first"),
+    )
+    for flag, kind, metavar, text in policy_flags:
+        prune.add_argument(flag, type=kind, metavar=metavar, help=text)
     prune.add_argument(
         "--series",
         metavar="NAME",
