@@ -60,6 +60,12 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         ...     _ = ckpt.save(global_step=epoch, score=acc)
         >>> [filename for _, filename in ckpt.state_dict()["_saved"]]
         ['model_3_val_acc=0.7000.pt', 'model_2_val_acc=0.9000.pt']
+        >>> from ckptcloud.policies import BestN, EveryNSteps
+        >>> ckpt = Checkpoint({"model": model}, tempfile.mkdtemp(), score_name="acc", keep=BestN(1) | EveryNSteps(2))
+        >>> [ckpt.save(global_step=step, score=acc) for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.1)]]
+        ['model_1_acc=0.5000.pt', 'model_2_acc=0.9000.pt', None, 'model_4_acc=0.1000.pt']
+        >>> ckpt.save_handler.list()
+        ['model_2_acc=0.9000.pt', 'model_4_acc=0.1000.pt']
     """
 
     SAVED_CHECKPOINT: Any = SavedCheckpointEvent()
