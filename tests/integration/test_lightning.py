@@ -7,7 +7,10 @@ missing Lightning fails here instead of skipping. The minimal and floors stages 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
+import subprocess
+import sys
 import threading
 
 import fsspec
@@ -27,6 +30,7 @@ pytestmark = pytest.mark.integration
 # val_loss logged at the end of each epoch (index = epoch): the best two of epochs 0-4 are epochs 3 and 1.
 VAL_LOSS = [0.5, 0.3, 0.4, 0.2, 0.6, 0.05, 0.01]
 STEPS_PER_EPOCH = 2
+MiB = 1024 * 1024
 
 
 class TinyModel(L.LightningModule):
@@ -82,11 +86,12 @@ def keys(client, bucket, prefix=""):
     return sorted(obj["Key"] for obj in response.get("Contents", []))
 
 
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_fit_keeps_exactly_the_two_best_in_the_bucket_and_resumes_from_the_best(
-    tmp_path, s3_endpoint, s3_client, s3_bucket, monkeypatch
+    tmp_path, s3_endpoint, s3_client, s3_bucket, monkeypatch, async_save
 ):
     dirpath = f"s3://{s3_bucket}/run"
-    io = CloudCheckpointIO(endpoint_url=s3_endpoint.url, part_size=5 * 1024**2)
+    io = CloudCheckpointIO(endpoint_url=s3_endpoint.url, part_size=5 * 1024**2, async_save=async_save)
     trainer, checkpoint = make_trainer(tmp_path, dirpath, io, 5)
     trainer.fit(TinyModel())
 
@@ -102,7 +107,7 @@ def test_fit_keeps_exactly_the_two_best_in_the_bucket_and_resumes_from_the_best(
     assert saved["global_step"] == 8 and saved["epoch"] == 3
 
     # resume from the bucket into the same folder, with a new plugin (a new process would do the same)
-    io2 = CloudCheckpointIO(endpoint_url=s3_endpoint.url, part_size=5 * 1024**2)
+    io2 = CloudCheckpointIO(endpoint_url=s3_endpoint.url, part_size=5 * 1024**2, async_save=async_save)
     start = RecordStart()
     trainer2, checkpoint2 = make_trainer(tmp_path, dirpath, io2, 7, start)
     with pytest.warns(UserWarning, match="exists and is not empty"):  # isdir + ls answered through ckptcloud
@@ -216,6 +221,7 @@ def test_async_save_that_fails_keeps_the_old_checkpoint_and_raises(s3_endpoint, 
     io = CloudCheckpointIO(endpoint_url=s3_endpoint.url, async_save=True)
     old, new = f"s3://{s3_bucket}/run/old.ckpt", f"s3://{s3_bucket}/run/new.ckpt"
     io.save_checkpoint(small_checkpoint(1), old)
+    io.teardown()
     gate = Gate(io.saver_for(new), fail=True)
     try:
         io.save_checkpoint(small_checkpoint(2), new)
@@ -294,3 +300,44 @@ def test_one_saver_per_bucket_is_reused_and_the_plugin_pickles_without_clients(s
     assert clone.saver_for(f"s3://{s3_bucket}/a/x.ckpt") is not first
     with pytest.raises(ValueError, match="sets `require_empty` itself"):
         CloudCheckpointIO(require_empty=True)
+
+
+MEMORY_PROBE = r"""
+import json, sys, torch
+from ckptcloud.lightning import CloudCheckpointIO
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+endpoint, url, size_mib, part_mib, conc = sys.argv[1:6]
+io = CloudCheckpointIO(endpoint_url=endpoint, part_size=int(part_mib) << 20, max_concurrency=int(conc))
+io.save_checkpoint({"warm-up": torch.ones(1)}, url)  # the client and its connections exist before measuring
+checkpoint = {"state_dict": {f"layer{i}.weight": torch.randn(64 << 18) for i in range(int(size_mib) // 64)},
+              "epoch": 3, "global_step": 8, "hyper_parameters": {"lr": 0.1}}
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+io.save_checkpoint(checkpoint, url)
+print(json.dumps({"extra": status("VmHWM") - before}))
+"""
+
+
+def test_a_lightning_save_holds_no_serialized_copy_of_the_checkpoint(s3_endpoint, s3_client, s3_bucket):
+    """Peak extra memory of ``save_checkpoint`` stays within the pipeline's bound, in a fresh process: Lightning's
+    fsspec path (``torch.save`` into a ``BytesIO``, then ``getvalue()``) needs twice the checkpoint instead."""
+    size_mib, part_mib, conc = 256, 8, 4
+    url = f"s3://{s3_bucket}/run/big.ckpt"
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, s3_endpoint.url, url, str(size_mib), str(part_mib), str(conc)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    extra = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    bound = ((conc + 2) * part_mib + 64) * MiB
+    assert extra < bound, f"save used {extra / MiB:.0f} MiB extra for a {size_mib} MiB checkpoint"
+    size = s3_client.head_object(Bucket=s3_bucket, Key="run/big.ckpt")["ContentLength"]
+    assert size > size_mib * MiB
