@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import inspect
 import io
 import logging
 import os
@@ -40,6 +41,7 @@ except ImportError as err:  # pragma: no cover - exercised only without lightnin
     raise ImportError("ckptcloud.lightning needs Lightning: pip install ckptcloud[lightning]") from err
 
 import fsspec
+import torch
 from fsspec.spec import AbstractFileSystem
 
 from ckptcloud import distributed
@@ -123,6 +125,14 @@ class _Savers:
                 saver = saver_from_url(
                     f"{scheme}://{bucket}", require_empty=False, check_bucket=False, save_on_rank=rank, **options
                 )
+                # a saver passes keywords it does not know on to torch.save: catch another cloud's options here
+                stray = sorted(set(saver.kwargs) - set(inspect.signature(torch.save).parameters))
+                if stray:
+                    raise TypeError(
+                        f"CloudCheckpointIO options {stray} are not options of {type(saver).__name__} ({scheme}:// "
+                        "URLs); when one plugin reaches several clouds, give each its own options in "
+                        "scheme_options={'s3': {...}, 'gs': {...}, 'az': {...}}"
+                    )
                 self._savers[(scheme, bucket, rank)] = saver
             return saver
 

@@ -341,3 +341,35 @@ def test_a_lightning_save_holds_no_serialized_copy_of_the_checkpoint(s3_endpoint
     assert extra < bound, f"save used {extra / MiB:.0f} MiB extra for a {size_mib} MiB checkpoint"
     size = s3_client.head_object(Bucket=s3_bucket, Key="run/big.ckpt")["ContentLength"]
     assert size > size_mib * MiB
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_gcs_and_azure_urls_save_load_remove_and_list_through_their_savers(request, scheme):
+    from tests.conftest import AZURITE_API_VERSION
+
+    if scheme == "gs":
+        bucket = request.getfixturevalue("gcs_bucket")
+        options = {"client": request.getfixturevalue("gcs_client")}
+    else:
+        bucket = request.getfixturevalue("azure_container")
+        connection = request.getfixturevalue("azure_endpoint").url
+        options = {"connection_string": connection, "api_version": AZURITE_API_VERSION}
+    io = CloudCheckpointIO(scheme_options={scheme: options})
+    first, second = (f"{scheme}://{bucket}/run/epoch={i}-step={2 * i}.ckpt" for i in (0, 1))
+    io.save_checkpoint(small_checkpoint(2), first)
+    io.save_checkpoint(small_checkpoint(3), second)
+    fs = fsspec.filesystem(scheme)
+    assert fs.ls(f"{scheme}://{bucket}/run", detail=False) == [
+        f"{bucket}/run/epoch=0-step=0.ckpt",
+        f"{bucket}/run/epoch=1-step=2.ckpt",
+    ]
+    assert torch.equal(io.load_checkpoint(first)["state_dict"]["w"], torch.full((1024,), 2.0))
+    io.remove_checkpoint(first)  # loaded by this plugin: kept
+    io.remove_checkpoint(second)
+    assert fs.exists(first) and not fs.exists(second)
+
+
+def test_another_clouds_options_are_refused_when_the_saver_is_made(s3_endpoint, gcs_client):
+    io = CloudCheckpointIO(endpoint_url=s3_endpoint.url, scheme_options={"gs": {"client": gcs_client}})
+    with pytest.raises(TypeError, match=r"\['endpoint_url'\] are not options of GCSSaver.*scheme_options"):
+        io.saver_for("gs://bucket/run/x.ckpt")
