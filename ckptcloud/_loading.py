@@ -29,7 +29,8 @@ class Loading:
         """Load ``to_load`` from one of this checkpoint's files, named by its filename components.
 
         Like ignite's: ``filename_components`` are ``name``, ``score`` and ``global_step``, put into this
-        checkpoint's filename pattern; ``load_kwargs`` go to ``nn.Module.load_state_dict`` (e.g. ``strict=False``).
+        checkpoint's filename pattern; ``load_kwargs`` go to ``nn.Module.load_state_dict`` (e.g. ``strict=False``),
+        except ``map_location`` and ``weights_only``, which apply to reading the file.
         Unlike ignite's, it works with every ckptcloud saver, remote ones included, and a numeric ``score`` is
         written as saving wrote it (``0.7`` names ``..._0.7000.pt``).
 
@@ -53,8 +54,10 @@ class Loading:
             global_step=filename_components.get("global_step"),
             name=filename_components.get("name"),
         )
-        checkpoint = load(filename, mmap=False)  # the tensors go on to live in the objects: no mapped file
-        self.load_objects(to_load, checkpoint, **(load_kwargs or {}))
+        kwargs = dict(load_kwargs or {})  # map_location and weights_only are for reading the file, the rest for
+        reading = {key: kwargs.pop(key) for key in ("map_location", "weights_only") if key in kwargs}  # the objects
+        checkpoint = load(filename, mmap=False, **reading)  # the tensors go on to live in the objects: no mapped file
+        self.load_objects(to_load, checkpoint, **kwargs)
         self._guard_names([filename])  # type: ignore[attr-defined]  # the resume guard: kept until a newer commit
 
     @guarded_load  # a staticmethod on the class; on an instance it also feeds the resume guard

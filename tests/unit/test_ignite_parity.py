@@ -32,6 +32,47 @@ def test_reload_objects_loads_the_file_its_filename_components_name(tmp_path, wh
     ckpt.reload_objects({"weights": partial}, load_kwargs={"strict": False}, global_step=40)
 
 
+@pytest.mark.parametrize("where", ["disk", "remote"])
+def test_reload_objects_reads_the_file_with_the_map_location_and_weights_only_it_is_given(tmp_path, where):
+    handler = DiskSaver(tmp_path) if where == "disk" else RemoteSaver(MemoryStore("b"), "run")
+    model = torch.nn.Linear(3, 3)
+    ckpt = Checkpoint({"model": model, "extra": Box({"note": object.__new__(Marker)})}, handler, n_saved=2)
+    ckpt.save(global_step=5)
+    fresh, box = torch.nn.Linear(3, 3), Box({})
+    with pytest.raises(ValueError, match="weights_only"):  # a class the safe unpickler refuses: by default, refused
+        ckpt.reload_objects({"model": fresh, "extra": box}, global_step=5)
+    ckpt.reload_objects({"model": fresh, "extra": box}, load_kwargs={"weights_only": False}, global_step=5)
+    assert torch.equal(fresh.weight, model.weight) and isinstance(box.state["note"], Marker)
+    mapped: list[str] = []
+
+    def where(storage, location):  # torch.load calls it per storage when it is the map_location
+        mapped.append(location)
+        return storage
+
+    ckpt.reload_objects({"model": fresh, "extra": box}, load_kwargs={"weights_only": False, "map_location": where},
+                        global_step=5)  # fmt: skip
+    assert mapped and set(mapped) == {"cpu"}
+    with pytest.raises(TypeError):  # what load_state_dict does not take is still an error, as in ignite
+        ckpt.reload_objects({"model": fresh}, load_kwargs={"weights_only": False, "bogus": 1}, global_step=5)
+
+
+class Marker:
+    """A class ``weights_only=True`` refuses (not in torch's allowlist)."""
+
+
+class Box:
+    """An object with ``state_dict``/``load_state_dict`` holding arbitrary state."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
 def test_reload_objects_with_a_score_names_the_file_as_saving_did(tmp_path):
     model = torch.nn.Linear(3, 3)
     ckpt = Checkpoint({"model": model}, DiskSaver(tmp_path), n_saved=2, score_name="acc")
