@@ -30,7 +30,6 @@ import logging
 import os
 import tempfile
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import IO, Any, ClassVar
 
@@ -143,18 +142,15 @@ class _Savers:
         self.__init__(state["options"], state["scheme_options"])  # type: ignore[misc]
 
 
-_active: weakref.ReferenceType[_Savers] | None = None  # the savers of the CloudCheckpointIO made last
-_default: _Savers | None = None  # for ObjectStoreFileSystem when no CloudCheckpointIO exists
+_active: _Savers | None = None  # the savers of the CloudCheckpointIO made (or unpickled) last
 
 
 def _active_savers() -> _Savers:
-    global _default
-    savers = _active() if _active is not None else None
-    if savers is not None:
-        return savers
-    if _default is None:
-        _default = _Savers({}, {})
-    return _default
+    """What :class:`ObjectStoreFileSystem` uses: the savers of the ``CloudCheckpointIO`` made last, else defaults."""
+    global _active
+    if _active is None:
+        _active = _Savers({}, {})
+    return _active
 
 
 class CloudCheckpointIO(CheckpointIO):
@@ -227,7 +223,7 @@ class CloudCheckpointIO(CheckpointIO):
         self._loaded: set[str] = set()
         self._writer: BackgroundWriter | None = None
         self._deferred: list[str] | None = None  # removals held back while an async save is in flight
-        _active = weakref.ref(self._savers)
+        _active = self._savers
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(async_save={self.async_save}, protect_loaded={self.protect_loaded})"
@@ -242,7 +238,7 @@ class CloudCheckpointIO(CheckpointIO):
     def __setstate__(self, state: dict[str, Any]) -> None:
         global _active
         self.__dict__.update(state)
-        _active = weakref.ref(self._savers)
+        _active = self._savers
 
     def saver_for(self, url: str) -> RemoteSaver:
         """The saver this plugin uses for ``url``'s bucket (prefix ``""``: filenames are whole object keys).
@@ -378,12 +374,19 @@ class CloudCheckpointIO(CheckpointIO):
 
 # ------------------------------------------------------------------------------------- fsspec filesystem
 class _ObjectWriter(io.RawIOBase):
-    """A write-only file over :class:`~ckptcloud.streaming.PartWriter`: ``close`` publishes the object whole;
-    leaving a ``with`` block on an exception discards it."""
+    """A write-only file over :class:`~ckptcloud.streaming.PartWriter`: nothing is visible until it is published.
 
-    def __init__(self, writer: PartWriter, name: str) -> None:
+    With ``autocommit`` (fsspec's default) ``close`` publishes the object whole; leaving a ``with`` block on an
+    exception discards it instead. Inside ``fs.transaction`` (Lightning's ``_atomic_save`` uses one) ``close``
+    only finishes writing, and the transaction publishes the object (:meth:`commit`) or discards it
+    (:meth:`discard`) when it ends.
+    """
+
+    def __init__(self, writer: PartWriter, name: str, autocommit: bool = True) -> None:
         super().__init__()
         self._writer = writer
+        self._autocommit = autocommit
+        self._settled = False
         self.name = name
 
     def writable(self) -> bool:
@@ -392,20 +395,35 @@ class _ObjectWriter(io.RawIOBase):
     def write(self, data: Any) -> int:  # type: ignore[override]
         return self._writer.write(data)
 
-    def close(self) -> None:
-        if self.closed:
+    def commit(self) -> None:
+        """Publish the object (once)."""
+        if self._settled:
             return
+        self._settled = True
         try:
             self._writer.commit()
         except BaseException:
             self._writer.abort()
             raise
+
+    def discard(self) -> None:
+        """Discard what was written: nothing appears."""
+        if not self._settled:
+            self._settled = True
+            self._writer.abort()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._autocommit:
+                self.commit()
         finally:
             super().close()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and not self.closed:
-            self._writer.abort()
+            self.discard()
             super().close()
             return
         self.close()
@@ -427,6 +445,8 @@ class ObjectStoreFileSystem(AbstractFileSystem):
     savers made with those.
 
     Example:
+        >>> ObjectStoreFileSystem._strip_protocol("s3://my-bucket/runs/exp1/")  # paths are "bucket/key", as in s3fs
+        'my-bucket/runs/exp1'
         >>> import fsspec
         >>> fs = fsspec.filesystem("s3")  # doctest: +SKIP
         >>> fs.ls("s3://my-bucket/runs/exp1", detail=False)  # doctest: +SKIP
@@ -590,7 +610,7 @@ class ObjectStoreFileSystem(AbstractFileSystem):
             writer = PartWriter(
                 saver.store, key, part_size=saver.part_size, max_concurrency=saver.max_concurrency, retry=saver.retry
             )
-            return _ObjectWriter(writer, url)  # type: ignore[return-value]
+            return _ObjectWriter(writer, url, autocommit)  # type: ignore[return-value]
         raise NotImplementedError(
             f"ckptcloud's {self.scheme}:// filesystem opens objects for reading ('rb') or writing ('wb') only, not "
             f"{mode!r}; install s3fs, gcsfs or adlfs for a general-purpose filesystem"

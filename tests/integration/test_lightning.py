@@ -373,3 +373,32 @@ def test_another_clouds_options_are_refused_when_the_saver_is_made(s3_endpoint, 
     io = CloudCheckpointIO(endpoint_url=s3_endpoint.url, scheme_options={"gs": {"client": gcs_client}})
     with pytest.raises(TypeError, match=r"\['endpoint_url'\] are not options of GCSSaver.*scheme_options"):
         io.saver_for("gs://bucket/run/x.ckpt")
+
+
+def test_lightnings_default_checkpoint_io_also_works_through_the_filesystem(s3_endpoint, s3_client, s3_bucket):
+    """Without the plugin (ckptcloud.lightning merely imported, no s3fs), Lightning's ``TorchCheckpointIO`` saves
+    inside ``fs.transaction`` through ckptcloud's filesystem: the object appears only when the transaction ends."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    CloudCheckpointIO(endpoint_url=s3_endpoint.url)  # the filesystem's savers (endpoint, credentials)
+    fs = fsspec.filesystem("s3")
+    if not isinstance(fs, ObjectStoreFileSystem):
+        pytest.skip("s3fs is installed: fsspec uses it")
+    url = f"s3://{s3_bucket}/run/plain.ckpt"
+    with fs.transaction:
+        with fs.open(url, "wb") as file:
+            file.write(b"not yet")
+        assert not fs.exists(url)  # closed, but the transaction has not ended
+    assert fs.cat_file(url) == b"not yet"
+    with pytest.raises(RuntimeError), fs.transaction:
+        with fs.open(f"s3://{s3_bucket}/run/discarded.ckpt", "wb") as file:
+            file.write(b"x")
+        raise RuntimeError("the transaction fails")
+    assert not fs.exists(f"s3://{s3_bucket}/run/discarded.ckpt")
+    assert incomplete_uploads(s3_client, s3_bucket) == []
+
+    plain = TorchCheckpointIO()
+    plain.save_checkpoint(small_checkpoint(6), url)
+    assert plain.load_checkpoint(url)["global_step"] == 6
+    plain.remove_checkpoint(url)
+    assert keys(s3_client, s3_bucket) == []
