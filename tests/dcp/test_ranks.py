@@ -86,6 +86,16 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
 
             S3Store.put_part = failing_or_slow  # type: ignore[method-assign]
             state["w2"] = distribute_tensor(torch.randn(4 * ROWS, COLS), mesh, [Shard(0)])  # 16 MiB per rank
+        if scenario == "load_only":  # a checkpoint another world size saved: DCP reshards it into this one
+            fresh = {name: distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) for name, t in full_state().items()}
+            fresh["step"] = 0
+            dcp.load(fresh, storage_reader=CloudStorageReader(url, **options))
+            expected = {name: distribute_tensor(t, mesh, [Shard(0)]) for name, t in full_state().items()}
+            result["loaded_step"] = fresh["step"]
+            result["shards_equal"] = all(torch.equal(fresh[n].to_local(), expected[n].to_local()) for n in expected)
+            result["reads"] = reads
+            dist.barrier()
+            return
         start = time.perf_counter()
         try:
             dcp.save(state, storage_writer=CloudStorageWriter(url, **options))
@@ -96,6 +106,8 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
             dist.barrier()
             return
         dist.barrier()
+        if scenario == "save_only":
+            return
         reads.clear()
         fresh = {name: distribute_tensor(torch.zeros_like(t), mesh, [Shard(0)]) for name, t in full_state().items()}
         fresh["step"] = 0
@@ -185,3 +197,27 @@ def test_one_rank_failing_cancels_the_other_ranks_upload_and_every_rank_raises(
     assert results[0]["parts_sent"] <= 2
     assert _objects(s3_client, s3_bucket, "ranks/") == []
     assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
+def test_world_4_save_loads_into_world_2_and_world_1(s3_endpoint, s3_bucket, s3_client, tmp_path):
+    run_ranks(4, "save_only", s3_endpoint.url, s3_bucket, tmp_path)
+    data = [o for o in _objects(s3_client, s3_bucket, "ranks/step-42/") if o["Key"].endswith(".distcp")]
+    assert len(data) == 4
+    results, _ = run_ranks(2, "load_only", s3_endpoint.url, s3_bucket, tmp_path)
+    assert [r["loaded_step"] for r in results] == [42, 42] and all(r["shards_equal"] for r in results)
+    for rank, result in enumerate(results):  # rank r of 2 holds the rows ranks 2r and 2r+1 of 4 saved
+        files = {key.rsplit("/", 1)[1].split("_")[2] for key, _, _ in result["reads"] if key.endswith(".distcp")}
+        assert {f"{2 * rank}", f"{2 * rank + 1}"} <= files
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptcloud.dcp import CloudStorageReader
+
+    whole = {name: torch.zeros_like(t) for name, t in full_state().items()}
+    whole["step"] = 0
+    reader = CloudStorageReader(
+        f"s3://{s3_bucket}/ranks/step-42", endpoint_url=s3_endpoint.url, region_name="us-east-1"
+    )
+    dcp.load(whole, storage_reader=reader, no_dist=True)
+    expected = full_state()
+    assert whole["step"] == 42 and all(torch.equal(whole[name], expected[name]) for name in expected)
