@@ -8,8 +8,9 @@ and checked on load, and loads fetch only the byte ranges each rank needs. DCP n
 
 Modules: :mod:`~ckptcloud.dcp.writer` and :mod:`~ckptcloud.dcp.reader` (the two classes);
 :mod:`~ckptcloud.dcp.layout` (file names, what ``.metadata`` records, its safe decoding);
-:mod:`~ckptcloud.dcp.folder` (is a folder committed, its files, deleting one); :mod:`~ckptcloud.dcp.agreement`
-(how the ranks of a save stop together); :mod:`~ckptcloud.dcp.target` (URL and options to a store).
+:mod:`~ckptcloud.dcp.folder` (is a folder committed, its files, verifying and deleting one);
+:mod:`~ckptcloud.dcp.agreement` (how the ranks of a save stop together); :mod:`~ckptcloud.dcp.target` (URL and
+options to a store).
 
 Example:
     >>> import tempfile, torch, torch.distributed.checkpoint as dcp
@@ -21,7 +22,7 @@ Example:
     tensor([1., 1., 1.])
 """
 
-from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, read_metadata
+from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, read_metadata, verify_folder
 from ckptcloud.dcp.layout import CheckpointExistsError, files_of
 from ckptcloud.dcp.reader import CloudStorageReader
 from ckptcloud.dcp.writer import CloudStorageWriter
@@ -35,4 +36,5 @@ __all__ = [
     "is_committed",
     "list_folder",
     "read_metadata",
+    "verify_folder",
 ]

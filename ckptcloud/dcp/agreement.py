@@ -36,6 +36,29 @@ MAX_ERROR_TEXT = 2000
 KEY_PREFIX = "ckptcloud/dcp"
 
 
+def require_numpy_across_ranks() -> None:
+    """Fail now, on every rank, when DCP will need numpy and it is missing.
+
+    DCP's planning collectives (``gather_object``, ``scatter_object_list``, ``broadcast_object_list``) call
+    ``tensor.numpy()`` on the receiving ranks. Without numpy the coordinator fails inside a collective and the other
+    ranks wait in the next one until the process group's timeout; a writer or reader made on a process group of
+    several ranks refuses at once instead. One process (``no_dist``, or no process group) needs no numpy.
+
+    Raises:
+        ImportError: a process group of two or more ranks is initialized and numpy cannot be imported.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    try:
+        import numpy  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "sharded checkpoints on several ranks need numpy (torch.distributed.checkpoint's object collectives "
+            "call tensor.numpy() on the receiving ranks): pip install ckptcloud[dcp]"
+        ) from err
+
+
 class SaveAgreement:
     """The ``failed`` and ``done`` flags of one save, in a c10d ``Store`` every rank of the save shares.
 

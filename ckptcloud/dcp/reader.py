@@ -40,6 +40,7 @@ from ckptcloud.download import fetch_ranges
 from ckptcloud.errors import CkptcloudError, IntegrityError
 from ckptcloud.remote import RemoteSaver
 
+from .agreement import require_numpy_across_ranks
 from .folder import read_metadata_bytes
 from .layout import METADATA, ItemLocation, load_metadata
 from .target import Target
@@ -156,6 +157,7 @@ class CloudStorageReader(StorageReader):
         self._start(Target(url, **options), process_group, broadcast_metadata, trust_metadata)
 
     def _start(self, target: Target, group: dist.ProcessGroup | None, broadcast: bool, trusted: bool) -> None:
+        require_numpy_across_ranks()
         self._target = target
         self._group = group
         self._broadcast = broadcast

@@ -41,7 +41,7 @@ from ckptcloud.errors import CkptcloudError, RemoteSaveError
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.streaming import PartWriter, choose_part_size
 
-from .agreement import SaveAgreement
+from .agreement import SaveAgreement, require_numpy_across_ranks
 from .folder import delete_keys, list_folder, metadata_info
 from .layout import (
     CRC_KEY,
@@ -142,6 +142,7 @@ class CloudStorageWriter(StorageWriter):
         self._start(Target(url, **options))
 
     def _start(self, target: Target) -> None:
+        require_numpy_across_ranks()
         self._target = target
         self._is_coordinator = True
         self._rank = 0
@@ -224,8 +225,8 @@ class CloudStorageWriter(StorageWriter):
         target = self._target
         name = data_file_name(files.rank, files.token)
         what = f"saving the sharded checkpoint {target.url}"
-        try:
-            results = self._write_file(name, plan.items, planner, agreement)
+        try:  # a rank with nothing to write (DCP's dedup gave its replicated items to others) writes no file
+            results = self._write_file(name, plan.items, planner, agreement) if plan.items else []
         except BaseException as err:
             if agreement is not None and not isinstance(err, RemoteSaveError):
                 agreement.report(err)
