@@ -316,8 +316,9 @@ class CloudStorageWriter(StorageWriter):
             self._check_files(sizes)
             body = dump_metadata(metadata)
             self._publish_metadata(body, token)
-        except CheckpointExistsError:
-            self._delete_quietly([target.key(name) for name in sizes])  # unique to this save: never the winner's
+        except Exception as err:
+            if self._settle_failed_commit(token, list(sizes), lost_race=isinstance(err, CheckpointExistsError)):
+                return
             raise
         finally:
             world = len(results)
@@ -366,6 +367,31 @@ class CloudStorageWriter(StorageWriter):
         except BaseException:
             writer.abort()
             raise
+
+    def _settle_failed_commit(self, token: str, names: list[str], *, lost_race: bool) -> bool:
+        """After ``finish`` failed: whether this save is committed after all, else delete its files if nothing
+        else can be using them.
+
+        A create whose answer was lost on every retry may still have made ``.metadata``: if the one there carries this
+        save's token, the checkpoint is committed (``True``). If there is no ``.metadata``, or another save's, this
+        save's files are garbage (their names are this save's own) and are deleted. When that cannot be told (the
+        HEAD fails, or a store that keeps no metadata shows a ``.metadata``), they are left for a cleanup.
+        """
+        target = self._target
+        if lost_race:  # the store refused the create: another save's .metadata is there, never this one's
+            self._delete_quietly([target.key(name) for name in names])
+            return False
+        try:
+            info = metadata_info(target.store, target.prefix, target.retry)
+        except Exception as err:
+            logger.warning("could not tell whether %s was committed after its commit failed: %s", target.url, err)
+            return False
+        if info is not None and info.metadata.get(SAVE_TOKEN_KEY) == token:
+            logger.info("%s was committed: its create succeeded, though its answer was lost", target.url)
+            return True
+        if info is None or info.metadata.get(SAVE_TOKEN_KEY) is not None:
+            self._delete_quietly([target.key(name) for name in names])
+        return False
 
     def _delete_quietly(self, keys: list[str]) -> None:
         """Delete this save's own files after it failed; a failure here is only logged (cleanup can finish it)."""

@@ -128,6 +128,19 @@ def test_a_retried_create_whose_first_answer_was_lost_commits():
     assert store.lost and tensors_equal(_load(store, "s", state), state)
 
 
+def test_a_create_whose_answers_were_all_lost_is_found_committed_by_its_token():
+    class LosesEveryAnswer(MemoryStore):
+        def put(self, key, data, metadata, when=None):
+            super().put(key, data, metadata, when)
+            if key.endswith("/.metadata"):
+                raise TransientError("connection reset after the object was stored")
+
+    store = LosesEveryAnswer("bucket", min_part_size=PART)
+    state = training_state()
+    _save(store, "s", state)  # the retries run out, then a HEAD finds this save's own .metadata
+    assert tensors_equal(_load(store, "s", state), state)
+
+
 def test_the_commit_is_refused_when_a_data_file_vanished_during_the_save():
     class LifecycleRuleDeletes(MemoryStore):
         def complete(self, upload, parts, when=None):
@@ -162,3 +175,22 @@ def test_a_failure_while_resolving_an_item_aborts_the_upload_and_commits_nothing
     assert "device lost" in str(rank_failure(caught.value))
     assert store.requests.count("put_part") >= 2 and store.requests[-1] == "abort"  # parts went up, then aborted
     assert _keys(store, "s") == [] and store.uploads == {}
+
+
+def test_on_a_local_folder_too_only_one_of_two_racing_saves_commits(tmp_path):
+    url = (tmp_path / "ck").as_uri()
+    winner, loser = {"w": torch.ones(4)}, {"w": torch.zeros(4)}
+
+    class CommitsAnotherSaveMeanwhile(CloudStorageWriter):
+        def write_data(self, plan, planner):
+            result = super().write_data(plan, planner)
+            dcp.save(winner, storage_writer=CloudStorageWriter(url), no_dist=True)
+            return result
+
+    with pytest.raises(CheckpointException) as caught:
+        dcp.save(loser, storage_writer=CommitsAnotherSaveMeanwhile(url), no_dist=True)
+    assert isinstance(rank_failure(caught.value), CheckpointExistsError)
+    assert len(list((tmp_path / "ck").glob("*.distcp"))) == 1
+    loaded = {"w": torch.full((4,), 7.0)}
+    dcp.load(loaded, storage_reader=CloudStorageReader(url), no_dist=True)
+    assert torch.equal(loaded["w"], winner["w"])
