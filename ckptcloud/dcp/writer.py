@@ -228,8 +228,9 @@ class CloudStorageWriter(StorageWriter):
         try:  # a rank with nothing to write (DCP's dedup gave its replicated items to others) writes no file
             results = self._write_file(name, plan.items, planner, agreement) if plan.items else []
         except BaseException as err:
-            if agreement is not None and not isinstance(err, RemoteSaveError):
-                agreement.report(err)
+            if agreement is not None and not isinstance(err, RemoteSaveError):  # not another rank's failure
+                with contextlib.suppress(Exception):  # the store gone too: DCP's gather still reports this error
+                    agreement.report(err)
             raise
         if agreement is not None:
             try:
