@@ -16,14 +16,15 @@ retries stop waiting and ranges stop at their next chunk, so a failure is report
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
 
 from ckptcloud.errors import LocalWriteError, ObjectChangedError, TransientError
@@ -160,34 +161,15 @@ def _download_version(
     failures: list[BaseException] = []
     lock = threading.Lock()
 
-    def fetch(start: int, end: int) -> None:
-        offset = start
-
-        def resume() -> None:  # a retry continues from the last byte written, pinned to the same version
-            nonlocal offset
-            chunks = store.read(key, offset, end, **pin)
-            try:
-                for chunk in chunks:
-                    if cancel.is_set():
-                        raise CancelledError(f"downloading {url} was cancelled")
-                    view = memoryview(chunk)
-                    while view:
-                        try:
-                            written = pwrite(fd, view, offset)
-                        except OSError as err:
-                            raise local_error(err, size) from err
-                        offset += written
-                        meter.add(written)
-                        view = view[written:]
-            finally:
-                close = getattr(chunks, "close", None)  # ends the request now, also when we stop early
-                if close is not None:
-                    close()
-            if offset != end:
-                raise TransientError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
-
+    def write_at(offset: int, view: memoryview) -> int:
         try:
-            retry.call(resume, f"downloading bytes {start}..{end} of {url}", cancel)
+            return pwrite(fd, view, offset)
+        except OSError as err:
+            raise local_error(err, size) from err
+
+    def fetch(start: int, end: int) -> None:
+        try:
+            read_range(store, key, start, end, write_at, retry=retry, cancel=cancel, meter=meter, **pin)
         except BaseException as err:
             with lock:
                 if not cancel.is_set():  # the first failure; the ranges it stops fail with CancelledError
@@ -208,3 +190,129 @@ def _download_version(
     if failures:
         raise failures[0]
     return size
+
+
+def read_range(
+    store: Store,
+    key: str,
+    start: int,
+    end: int,
+    sink: Callable[[int, memoryview], int],
+    *,
+    retry: Retry,
+    cancel: threading.Event,
+    meter: Meter,
+    version: str | None = None,
+) -> None:
+    """Read bytes ``[start, end)`` of ``key`` into ``sink(offset, view) -> bytes taken``, retried.
+
+    A retry continues from the last byte the sink took, pinned to ``version`` (when given) like the first request.
+    A short read is retried (:class:`~ckptcloud.errors.TransientError`); once ``cancel`` is set, the read stops at
+    its next chunk and no retry starts.
+    """
+    url = store.url(key)
+    pin: dict[str, Any] = {"version": version} if version is not None else {}
+    offset = start
+
+    def resume() -> None:
+        nonlocal offset
+        chunks = store.read(key, offset, end, **pin)
+        try:
+            for chunk in chunks:
+                if cancel.is_set():
+                    raise CancelledError(f"downloading {url} was cancelled")
+                view = memoryview(chunk)
+                while view:
+                    taken = sink(offset, view)
+                    offset += taken
+                    meter.add(taken)
+                    view = view[taken:]
+        finally:
+            close = getattr(chunks, "close", None)  # ends the request now, also when we stop early
+            if close is not None:
+                close()
+        if offset != end:
+            raise TransientError(f"short read of {url}: got bytes {start}..{offset}, expected ..{end}")
+
+    retry.call(resume, f"downloading bytes {start}..{end} of {url}", cancel)
+
+
+def fetch_ranges(
+    store: Store,
+    ranges: Sequence[tuple[str, int, int]],
+    *,
+    part_size: int,
+    max_concurrency: int,
+    retry: Retry | None = None,
+    progress: Progress | None = None,
+) -> Iterator[memoryview]:
+    """Ranged GETs into memory: yields the bytes of each ``(key, start, end)`` of ``ranges``, in order.
+
+    Up to ``max_concurrency`` requests run at once; a range longer than ``part_size`` is fetched as several
+    concurrent requests of at most ``part_size`` bytes into one buffer. Ranges are fetched ahead while the bytes
+    held (fetched or in flight, not yet handed over) stay within ``max_concurrency * part_size``, or one range,
+    so peak memory is about ``(max_concurrency + 1) * part_size`` plus the range being used, whatever the total.
+    The caller owns each yielded buffer; this function keeps no reference to it once it moves on.
+
+    The first failure (or Ctrl-C, or the caller stopping early) stops every request at its next chunk and starts
+    no new one; the failure is raised once they have all stopped. Reads are not pinned to a version: callers read
+    objects that never change once written (a sharded checkpoint's data files have names used once).
+
+    Example:
+        >>> from ckptcloud.stores.memory import MemoryStore
+        >>> store = MemoryStore()
+        >>> store.put("a", memoryview(b"0123456789"), {})
+        >>> [bytes(view) for view in fetch_ranges(store, [("a", 0, 3), ("a", 5, 10)], part_size=4, max_concurrency=2)]
+        [b'012', b'56789']
+    """
+    retry = retry or Retry()
+    meter = Meter(progress, sum(end - start for _, start, end in ranges))
+    cancel = threading.Event()
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    budget = max_concurrency * part_size
+
+    def fetch(key: str, start: int, end: int, into: memoryview) -> None:
+        def copy(offset: int, view: memoryview) -> int:
+            into[offset - start : offset - start + len(view)] = view
+            return len(view)
+
+        try:
+            read_range(store, key, start, end, copy, retry=retry, cancel=cancel, meter=meter)
+        except BaseException as err:
+            with lock:
+                if not cancel.is_set():  # the first failure; the requests it stops fail with CancelledError
+                    failures.append(err)
+                cancel.set()
+            raise
+
+    executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ckptcloud-get")
+    pending: collections.deque[tuple[bytearray, list[Future[None]]]] = collections.deque()
+    held = 0
+    upcoming = iter(ranges)
+    following = next(upcoming, None)
+    try:
+        while pending or following is not None:
+            while following is not None and (not pending or held + following[2] - following[1] <= budget):
+                key, start, end = following
+                buffer = bytearray(end - start)
+                view = memoryview(buffer)
+                futures = [
+                    executor.submit(fetch, key, piece, min(piece + part_size, end), view[piece - start :])
+                    for piece in range(start, end, part_size)
+                ]
+                pending.append((buffer, futures))
+                held += end - start
+                following = next(upcoming, None)
+            buffer, futures = pending.popleft()
+            wait(futures, return_when=FIRST_EXCEPTION)
+            if failures:
+                break
+            held -= len(buffer)
+            yield memoryview(buffer)
+            del buffer
+    finally:  # on a failure, Ctrl-C or the caller stopping: stop every request, and let none write after we return
+        cancel.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        raise failures[0]

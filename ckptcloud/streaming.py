@@ -118,6 +118,7 @@ class PartWriter(io.RawIOBase):
         self._lock = threading.Lock()
         self._cancel = threading.Event()  # set by the first part failure or abort(): the other parts stop
         self._done = False
+        self._written = 0
         self.parts = 0
 
     @property
@@ -137,6 +138,23 @@ class PartWriter(io.RawIOBase):
         """
         with self._lock:
             return self._error
+
+    def tell(self) -> int:
+        """Bytes written so far: the offset the next write starts at (``torch.distributed.checkpoint`` records
+        each item's offset and length this way). Costs nothing: the stream never seeks."""
+        return self._written
+
+    def cancel(self, error: BaseException) -> None:
+        """Fail this upload from any thread with ``error`` (unless it already failed).
+
+        Queued parts never start, running ones stop retrying, and the thread that writes raises the first error at
+        its next ``write`` or ``commit`` (also when it waits for a free buffer); it then calls :meth:`abort`, as
+        after any failure. Another rank's failure stops this rank's upload this way.
+        """
+        with self._lock:
+            if self._error is None:
+                self._error = error
+        self._cancel.set()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         try:
@@ -164,6 +182,7 @@ class PartWriter(io.RawIOBase):
             if self._fill == self._part_size:
                 self._submit_part()
         view.release()
+        self._written += total
         return total
 
     # ------------------------------------------------------------------------------------------ buffers
@@ -234,6 +253,7 @@ class PartWriter(io.RawIOBase):
         """Upload what is left and publish the object, once. Raises the first part failure, if any."""
         if self._done:
             raise ValueError("PartWriter.commit called twice")
+        self._raise_if_failed()  # cancelled (cancel()) before anything was sent: publish nothing
         if self._upload is None:
             view = memoryview(self._buf or b"")[: self._fill]
             with view:
