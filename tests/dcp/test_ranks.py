@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from ckptcloud.testing.faultproxy import FaultProxy
 from ckptcloud.testing.servers import free_port
+from tests.spawning import spawn_ranks_through_proxy
 
 pytest.importorskip("numpy", reason="torch.distributed.checkpoint needs numpy on every rank (ckptcloud[dcp])")
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
@@ -126,27 +125,10 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, sce
 
 
 def run_ranks(world: int, scenario: str, endpoint: str, bucket: str, tmp_path: Path) -> tuple[list[dict], list[str]]:
-    requests: list[str] = []
-    upstream = int(endpoint.split(":")[2].split("/")[0])
-    with FaultProxy(upstream, on_request=lambda n, method, target: requests.append(f"{method} {target}")) as proxy:
-        ctx = mp.start_processes(
-            _rank_main,
-            args=(world, free_port(), proxy.endpoint, bucket, scenario, str(tmp_path)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        for _ in range(TIMEOUT_S):
-            if ctx.join(timeout=1):
-                break
-        else:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"ranks still running after {TIMEOUT_S} s: a rank is stuck")
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results, requests
+    return spawn_ranks_through_proxy(
+        _rank_main, world, endpoint, lambda proxy: (world, free_port(), proxy, bucket, scenario, str(tmp_path)),
+        tmp_path, TIMEOUT_S,
+    )  # fmt: skip
 
 
 def _objects(client, bucket: str, prefix: str) -> list[dict]:

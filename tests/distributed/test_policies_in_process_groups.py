@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from ckptcloud.testing.faultproxy import FaultProxy
 from ckptcloud.testing.servers import free_port
 from tests.distributed.test_process_groups import TIMEOUT_S, _saver, deletes, uploads
+from tests.spawning import spawn_ranks_through_proxy
 
 pytestmark = pytest.mark.integration
 SCORES = [0.5, 0.4, 0.6, 0.7, 0.2]
@@ -64,27 +63,11 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
 
 
 def test_the_writers_policy_and_clock_decide_for_every_rank(s3_endpoint, s3_bucket, tmp_path):
-    requests: list[str] = []
-    upstream = int(s3_endpoint.url.split(":")[2].split("/")[0])
     world = 2
-    with FaultProxy(upstream, on_request=lambda n, method, target: requests.append(f"{method} {target}")) as proxy:
-        ctx = mp.start_processes(
-            _rank_main,
-            args=(world, free_port(), proxy.endpoint, s3_bucket, str(tmp_path)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        for _ in range(TIMEOUT_S):
-            if ctx.join(timeout=1):
-                break
-        else:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"ranks still running after {TIMEOUT_S} s")
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
+    results, requests = spawn_ranks_through_proxy(
+        _rank_main, world, s3_endpoint.url, lambda proxy: (world, free_port(), proxy, s3_bucket, str(tmp_path)),
+        tmp_path, TIMEOUT_S,
+    )  # fmt: skip
     writer, other = results
     # the writer's times are 0, 100, 200, 300, 400 s: step 2 is skipped (not best, within 250 s of step 1), step 3
     # is kept as the best, then evicted once step 4 is both the best and 300 s after step 1; step 5 is skipped

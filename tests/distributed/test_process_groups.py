@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from ckptcloud.testing.faultproxy import FaultProxy
 from ckptcloud.testing.servers import free_port
+from tests.spawning import spawn_ranks_through_proxy
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 120
@@ -149,26 +148,10 @@ def run_ranks(
     world: int, scenario: str, endpoint: str, bucket: str, tmp_path: Path, store: str = "s3"
 ) -> tuple[list[dict], list[str]]:
     """Spawn ``world`` ranks through a counting proxy; returns each rank's result and the requests made."""
-    requests: list[str] = []
-    upstream = int(endpoint.split(":")[2].split("/")[0])
-    with FaultProxy(upstream, on_request=lambda n, method, target: requests.append(f"{method} {target}")) as proxy:
-        ctx = mp.start_processes(
-            _rank_main,
-            args=(world, free_port(), store, proxy.endpoint, bucket, scenario, str(tmp_path)),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        for _ in range(TIMEOUT_S):
-            if ctx.join(timeout=1):
-                break
-        else:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"ranks still running after {TIMEOUT_S} s: a rank is stuck (barrier or collective)")
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
+    results, requests = spawn_ranks_through_proxy(
+        _rank_main, world, endpoint, lambda proxy: (world, free_port(), store, proxy, bucket, scenario, str(tmp_path)),
+        tmp_path, TIMEOUT_S,
+    )  # fmt: skip
     if os.environ.get("CKPTCLOUD_MINIMAL_INSTALL"):  # the minimal-install stage proves it ran without numpy
         assert not any(r["numpy_importable"] for r in results), "numpy is installed in the minimal-install stage"
     return results, requests

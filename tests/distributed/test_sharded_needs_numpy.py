@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ckptcloud.testing.servers import free_port
+from tests.spawning import spawn_ranks
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 120
@@ -45,22 +45,7 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out: str) -> None:
 
 
 def test_a_sharded_writer_or_reader_on_several_ranks_without_numpy_names_the_extra_on_every_rank(tmp_path):
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(2, free_port(), str(tmp_path / "ck"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    for _ in range(TIMEOUT_S):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for process in ctx.processes:
-            process.kill()
-        pytest.fail(f"ranks still running after {TIMEOUT_S} s")
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert "crash" not in result, result["crash"]
+    results = spawn_ranks(_rank_main, 2, (2, free_port(), str(tmp_path / "ck"), str(tmp_path)), tmp_path, TIMEOUT_S)
+    for result in results:
         assert len(result["errors"]) == 2
         assert all("need numpy" in e and "pip install ckptcloud[dcp]" in e for e in result["errors"])

@@ -11,7 +11,6 @@ import inspect
 import itertools
 import random
 import re
-import string
 import warnings
 from datetime import timedelta
 from urllib.parse import unquote
@@ -518,18 +517,16 @@ def test_the_ranks_follow_the_writers_policy_decision_and_remove_the_same_names(
     assert store.requests.count("put") == 3 and store.requests.count("delete") == 0
 
 
-def test_policies_are_exported_from_the_policies_module():
+def test_every_public_policy_class_is_exported_and_every_export_resolves():
+    import inspect
+
     import ckptcloud.policies as policies
 
-    assert set(policies.__all__) == {
-        "AnyOf",
-        "BestN",
-        "CheckpointInfo",
-        "EveryNSeconds",
-        "EveryNSteps",
-        "KeepSince",
-        "KeepSteps",
-        "LatestN",
-        "Policy",
+    public = {
+        name
+        for name, obj in vars(policies).items()
+        if inspect.isclass(obj) and obj.__module__ == policies.__name__ and not name.startswith("_")
     }
-    assert all(name[0] in string.ascii_uppercase for name in policies.__all__)
+    assert public <= set(policies.__all__)
+    assert all(hasattr(policies, name) for name in policies.__all__)
+    assert {"BestN", "LatestN", "EveryNSteps", "EveryNSeconds", "KeepSince", "KeepSteps"} <= public
