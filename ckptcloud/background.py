@@ -1,7 +1,8 @@
 """Saves that run in the background: one worker thread, at most one save in flight.
 
 ``Checkpoint(..., async_save=True)`` takes a CPU snapshot of the state on the caller's thread (on the writing rank
-only), hands the upload to this writer and returns. The caller's thread finishes each save later - at the next
+only, with :meth:`BackgroundWriter.snapshot`, into host buffers reused from save to save), hands the upload to this
+writer and returns. The caller's thread finishes each save later - at the next
 save, :meth:`~BackgroundWriter.wait` or :meth:`~BackgroundWriter.close` - where every rank agrees on the outcome,
 and only then does the kept list change and do evictions run. A background failure is logged when it happens and
 raised at that next call.
@@ -22,8 +23,10 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from ckptcloud import distributed
+from ckptcloud.snapshot import SnapshotPool
 
 logger = logging.getLogger("ckptcloud")
 
@@ -51,6 +54,15 @@ class BackgroundWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ckptcloud-save")
         self._pending: tuple[Future[None], Callable[[], None], str] | None = None
         self._closed = False
+        self.pool = SnapshotPool()  # one buffer set: a save's snapshot is taken after the previous upload ended
+
+    def snapshot(self, obj: Any) -> Any:
+        """A CPU snapshot of ``obj`` in the pool's buffers, which stay leased until the next write has read them.
+
+        ``Checkpoint`` takes it after :meth:`wait`, so the upload that read the buffers last is over: one buffer set
+        is enough, and a save never waits for memory.
+        """
+        return self.pool.snapshot(obj)
 
     def submit(self, write: Callable[[], None], finish: Callable[[], None], what: str) -> None:
         """Finish the previous save (raising its error, if any), then start ``write`` in the background."""
@@ -58,19 +70,24 @@ class BackgroundWriter:
             raise RuntimeError("this checkpoint was closed: no more saves")
         self.wait()
         writer = distributed.get_rank() == self._save_on_rank
-        self._pending = (self._executor.submit(self._run, write, what, writer), finish, what)
+        # handed over in a box that the worker empties, so the payload is freed as soon as the write returns
+        self._pending = (self._executor.submit(self._run, [write], what, writer), finish, what)
         with _in_flight_lock:
             _in_flight.add(self)
 
-    @staticmethod
-    def _run(write: Callable[[], None], what: str, writer: bool) -> None:
+    def _run(self, box: list[Callable[[], None]], what: str, writer: bool) -> None:
+        write = box.pop()
         try:
             # the writer's heartbeat tells the ranks waiting for this outcome that the upload is still going
             with distributed.busy() if writer else contextlib.nullcontext(), distributed.local_only():
+                self.pool.wait_for_copies()  # device-to-host copies of the snapshot have landed
                 write()
         except BaseException as err:
             logger.error("background %s failed: %s (it is raised at the next save, wait() or close())", what, err)
             raise
+        finally:
+            del write  # the snapshot's last reference: its buffers are free again before the save is reported done
+            self.pool.release()
 
     def wait(self, *, agree: bool = True) -> None:
         """Block until the save in flight is stored, then finish it; raise its error (on every rank).
@@ -100,6 +117,7 @@ class BackgroundWriter:
         finally:
             self._closed = True
             self._executor.shutdown(wait=True)
+            self.pool.clear()
 
     def _finish_at_exit(self) -> None:
         if self._pending is None:

@@ -35,7 +35,6 @@ from ckptcloud.background import BackgroundWriter
 from ckptcloud.contract import BaseSaveHandler, is_save_handler, metadata_mode
 from ckptcloud.handlers import DiskSaver
 from ckptcloud.policies import CheckpointInfo, Policy
-from ckptcloud.snapshot import snapshot
 
 logger = logging.getLogger("ckptcloud")
 
@@ -245,7 +244,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
             return filename
         distributed.sync_xla(payload)  # every rank: XLA's pending graph is a collective step
         if self._writes_here():
-            payload = snapshot(payload)  # training may go on now; other ranks copy nothing
+            payload = self._background.snapshot(payload)  # training may go on now; other ranks copy nothing
         data = payload
         self._background.submit(lambda: self._write(data, filename, metadata), finish, f"saving {filename}")
         return filename
