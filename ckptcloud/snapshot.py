@@ -202,8 +202,11 @@ class SnapshotPool:
 
     @staticmethod
     def _free(buffer: torch.UntypedStorage) -> bool:
-        """Whether only the pool holds ``buffer`` (no tensor of an earlier snapshot still views it)."""
-        return _use_count is None or _use_count(buffer._cdata) <= 1
+        """Whether only the pool holds ``buffer`` (no tensor of an earlier snapshot still views it).
+
+        Without torch's (private) use count, no buffer is known to be free: every snapshot gets new memory.
+        """
+        return _use_count is not None and _use_count(buffer._cdata) <= 1
 
     def wait_for_copies(self) -> None:
         """Block until the last snapshot's non-blocking device-to-host copies are done (no-op without any)."""

@@ -186,6 +186,18 @@ def test_a_buffer_that_an_earlier_snapshot_still_views_is_never_handed_out_again
     assert pool.nbytes == 32  # the pool replaced the buffer instead of holding both
 
 
+def test_without_torchs_use_count_no_buffer_is_reused_and_every_snapshot_is_still_right(monkeypatch):
+    monkeypatch.setattr(snapshot_module, "_use_count", None)
+    pool = SnapshotPool()
+    state = {"w": torch.zeros(8)}
+    kept = pool.snapshot(state)
+    pool.release()
+    state["w"].fill_(1.0)
+    again = pool.snapshot(state)
+    pool.release()
+    assert pool.allocations == 2 and kept["w"].tolist() == [0.0] * 8 and again["w"].tolist() == [1.0] * 8
+
+
 def test_a_save_handler_that_keeps_the_payload_keeps_each_save_as_it_was():
     kept = []
 
