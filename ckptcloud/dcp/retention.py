@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptcloud import distributed
 from ckptcloud.contract import BaseSaveHandler, ObjectInfo, check_filename, is_valid_name
@@ -78,6 +79,14 @@ def folder_name(name: str) -> str:
     return name
 
 
+def _own_failure(err: CheckpointException, rank: int) -> BaseException:
+    """The exception rank ``rank`` raised inside ``dcp.save`` (else the first rank's), or ``err`` itself."""
+    failures = err.failures
+    failure = failures.get(rank) or next(iter(failures.values()), None)
+    cause = failure[0] if isinstance(failure, tuple) else failure
+    return cause if isinstance(cause, BaseException) else err
+
+
 def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
@@ -122,7 +131,11 @@ class ShardedSaver(BaseSaveHandler):
 
         folder_name(filename)
         writer = CloudStorageWriter.from_saver(self.saver, filename, metadata=_object_metadata(metadata))
-        dcp.save(dict(checkpoint), storage_writer=writer, no_dist=_no_dist())
+        no_dist = _no_dist()
+        try:
+            dcp.save(dict(checkpoint), storage_writer=writer, no_dist=no_dist)
+        except CheckpointException as err:  # DCP's wrapper of every rank's failure: raise this rank's own
+            raise _own_failure(err, 0 if no_dist else dist.get_rank()) from err
 
     def reader(self, name: str) -> Any:
         """A :class:`~ckptcloud.dcp.CloudStorageReader` for the folder ``name``, with this saver's client."""
