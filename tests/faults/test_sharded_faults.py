@@ -220,7 +220,7 @@ def test_a_rank_killed_mid_save_commits_nothing_the_other_rank_raises_promptly_a
     entry = {
         "test": "sharded_rank_killed", "store": "s3", "server": "moto_server", "world": WORLD, "killed_rank": victim,
         "committed": 0, "older_checkpoint_intact": True, "survivor_seconds_to_raise": results[survivor]["seconds"],
-        "seconds": round(elapsed, 1), "survivor_error": results[survivor]["save_error"][:200], **checked,
+        "seconds": round(elapsed, 1), "survivor_error": results[survivor]["save_error"][:300], **checked,
     }  # fmt: skip
     fault_report.append(entry)
     print(
@@ -231,23 +231,28 @@ def test_a_rank_killed_mid_save_commits_nothing_the_other_rank_raises_promptly_a
 
 
 # ------------------------------------------------------------------------------- b. the server is SIGKILLed
+@pytest.mark.parametrize("kill_at", ["part3", "metadata"])
 def test_the_server_killed_mid_save_commits_nothing_every_rank_raises_and_cleanup_after_restart_removes_the_rest(
-    restartable, tmp_path, fault_report
+    kill_at, restartable, tmp_path, fault_report
 ):
+    """``part3``: as the 3rd of the ranks' 4 parts arrives (2 stored); ``metadata``: as the coordinator's PUT of
+    ``.metadata`` arrives, every data file being stored by then (the save cannot delete them: the server is gone)."""
     server = restartable("s3")  # SeaweedFS: keeps its data, incomplete uploads included, across the kill
     bucket = direct_bucket("s3", server.endpoint)
     old = save_old(f"s3://{bucket}/run/step-1", server.endpoint)
-    parts = [0]
+    parts, killed = [0], []
 
-    def kill_on_third_part(number: int, method: str, target: str) -> None:
-        if method == "PUT" and "partNumber=" in target:
-            parts[0] += 1
-            if parts[0] == 3:  # the ranks' 4 parts: 2 stored, the 3rd arrives
-                server.kill()
+    def kill_mid_save(number: int, method: str, target: str) -> None:
+        if method != "PUT" or killed:
+            return
+        parts[0] += "partNumber=" in target
+        if (kill_at == "part3" and parts[0] == 3) or (kill_at == "metadata" and "/run/step-2/.metadata" in target):
+            killed.append(target)
+            server.kill()
 
-    with FaultProxy(server.port, seed=11, on_request=kill_on_third_part) as proxy:
+    with FaultProxy(server.port, seed=11, on_request=kill_mid_save) as proxy:
         results, codes, elapsed = run_ranks(proxy.endpoint, f"s3://{bucket}/run/step-2", "plain", tmp_path)
-    assert parts[0] >= 3, "the server was never killed"
+    assert killed, "the server was never killed"
     assert codes == [0, 0] and all("save_error" in r and "saved" not in r for r in results), results
     seconds = max(r["seconds"] for r in results)
     assert seconds < 30, f"a rank took {seconds} s to raise"
@@ -257,13 +262,14 @@ def test_the_server_killed_mid_save_commits_nothing_every_rank_raises_and_cleanu
     until_ready(lambda: load(f"s3://{bucket}/run/step-1", server.endpoint, old), "loading")
     checked = check_after_failure(store, server.endpoint, bucket, old)
     entry = {
-        "test": "sharded_server_killed", "store": "s3", "server": server.name, "world": WORLD, "committed": 0,
+        "test": "sharded_server_killed", "store": "s3", "server": server.name, "world": WORLD, "killed_at": kill_at,
+        "committed": 0,
         "older_checkpoint_intact": True, "max_seconds_to_raise": seconds, "seconds": round(elapsed, 1),
         "errors": [r["save_error"][:200] for r in results], **checked,
     }  # fmt: skip
     fault_report.append(entry)
     print(
-        f"\n[faults] sharded s3 ({server.name}) world {WORLD}, server SIGKILLed at the 3rd part: every rank raised "
+        f"\n[faults] sharded s3 ({server.name}) world {WORLD}, server SIGKILLed at {kill_at}: every rank raised "
         f"within {seconds} s, nothing committed, older checkpoint intact; leftovers {checked['leftover_objects']} "
         f"objects + {checked['leftover_uploads']} incomplete uploads, 0 after cleanup"
     )
