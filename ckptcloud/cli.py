@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import torch
 
+from ckptcloud import _cli_sharded as sharded
 from ckptcloud import serialization
 from ckptcloud._inventory import listing_rows
 from ckptcloud._tree import tree_leaves
@@ -185,7 +186,7 @@ def _nothing_to_list(saver: Any, url: str) -> str:
 
 def _ls(args: argparse.Namespace) -> None:
     saver = _folder_saver(args.url)
-    rows = listing_rows(saver)
+    rows = sharded.with_folders(saver, listing_rows(saver))
     if not rows:
         if args.json:
             print("[]")  # stdout stays valid JSON; the exit code says nothing was found
@@ -193,13 +194,7 @@ def _ls(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cells = [["name", "step", "score", "size", "time (UTC)"]]
-    for r in rows:
-        cells.append([r["name"], *("" if r[k] is None else str(r[k]) for k in ("step", "score"))])
-        cells[-1] += [_human(r["size"]), r["time"] or ""]
-    widths = [max(len(line[i]) for line in cells) for i in range(5)]
-    for line in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    sharded.print_table(rows)
 
 
 def _get(args: argparse.Namespace) -> None:
@@ -256,6 +251,9 @@ def _put(args: argparse.Namespace) -> None:
 
 
 def _rm(args: argparse.Namespace) -> None:
+    if _is_folder(args.url):
+        sharded.remove(args.url, lambda question: _confirm(question, args.yes))
+        return
     saver, name = _object(args.url)
     _confirm(f"delete {args.url}", args.yes)
     saver.remove(name)
@@ -303,7 +301,7 @@ def _series_rows(args: argparse.Namespace, rows: list[dict[str, Any]], ranked: C
 def _prune(args: argparse.Namespace) -> None:
     policy = _policy(args)  # usage errors before any request
     saver = _folder_saver(args.url)
-    rows = listing_rows(saver, with_saved_at=policy is not None)
+    rows = sharded.with_folders(saver, listing_rows(saver, with_saved_at=policy is not None), with_saved_at=True)
     if policy is None:  # --keep N --by score|step: only checkpoints whose score (or step) is known are candidates
         by = args.by or "score"
         rows = _series_rows(args, rows, lambda r: r[by] is not None)
@@ -332,16 +330,26 @@ def _prune(args: argparse.Namespace) -> None:
         print("nothing deleted" + (" (dry run)" if args.dry_run else ""))
         return
     _confirm(f"delete {len(drop)} checkpoint(s) under {args.url}", args.yes)
-    names = [row["name"] for row in drop]
-    if callable(getattr(saver, "remove_many", None)):
-        saver.remove_many(names)  # S3: one DeleteObjects request per 1,000 checkpoints
-    else:
-        for name in names:
-            saver.remove(name)
+    sharded.delete(saver, [row["name"] for row in drop])  # folders whole, .metadata first
     print(f"deleted {len(drop)} checkpoint(s), kept {len(keep)}")
 
 
+def _is_folder(url: str) -> bool:
+    """Whether ``url`` names a sharded checkpoint folder (committed or not): ``URL/`` with a ``.metadata`` or
+    ``*.distcp`` file under it, or an object URL that names no object but such a folder."""
+    if url.endswith("/"):
+        return sharded.is_folder(url)  # else: "names no object", as for any URL ending in '/'
+    try:
+        _object(url)
+    except FileNotFoundError:
+        return sharded.is_folder(url)
+    return False
+
+
 def _verify(args: argparse.Namespace) -> None:
+    if _is_folder(args.url):
+        sharded.verify(args.url)
+        return
     (saver, name), url = _object(args.url), args.url
     with tempfile.TemporaryFile(prefix="ckptcloud-") as file:
         _download(saver, name, file, _Bar("verify", args.quiet))
@@ -355,10 +363,12 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _cleanup(args: argparse.Namespace) -> None:
-    removed = _folder_saver(args.url).cleanup_incomplete(older_than=args.older_than)
+    saver = _folder_saver(args.url)
+    removed = saver.cleanup_incomplete(older_than=args.older_than)
     for item in removed:
         print(f"discarded {item}")
     print(f"{len(removed)} incomplete upload(s) older than {args.older_than:g} s discarded under {args.url}")
+    sharded.cleanup(saver, args.url, args.older_than)
 
 
 def _count(text: str) -> int:
@@ -457,7 +467,7 @@ def _version() -> str:
 def _exit_code(err: BaseException) -> int:
     chain = (err, err.__cause__, getattr(err, "cause", None))  # ``cause``: google.api_core's RetryError
     names = {cls.__name__ for e in chain if isinstance(e, BaseException) for cls in type(e).__mro__}
-    if isinstance(err, CliError):
+    if isinstance(err, (CliError, sharded.FolderError)):
         return err.code
     if isinstance(err, FileNotFoundError):
         return 3
@@ -495,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("CKPTCLOUD_DEBUG"):
             raise
-        known = type(err).__module__ in ("builtins", "ckptcloud.errors", __name__) and str(err)
+        known = type(err).__module__ in ("builtins", "ckptcloud.errors", __name__, sharded.__name__) and str(err)
         notes = "".join(f" ({note.removeprefix('ckptcloud: ')})" for note in getattr(err, "__notes__", []))
         print(f"ckptcloud: {err if known else f'{type(err).__name__}: {err}'}{notes}", file=sys.stderr)
         return _exit_code(err)
