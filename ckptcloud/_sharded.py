@@ -172,6 +172,23 @@ class Sharded:
         suffix = re.escape(f".{self.ext}")
         return [re.compile(regex.pattern.removesuffix(suffix)) for regex in regexes]
 
+    def reload_objects(self, to_load: Mapping, load_kwargs: dict | None = None, **filename_components: Any) -> None:
+        """Load ``to_load`` from one of this checkpoint's files or folders, named by its filename components (see
+        :meth:`ckptcloud.Checkpoint.reload_objects`); a sharded one loads on every rank (``load_kwargs`` may hold
+        ``strict``)."""
+        if not self.sharded:
+            super().reload_objects(to_load, load_kwargs, **filename_components)  # type: ignore[misc]
+            return
+        name = self._filename(
+            with_score=self.score_function is not None,  # type: ignore[attr-defined]
+            score=filename_components.get("score"),
+            global_step=filename_components.get("global_step"),
+            name=filename_components.get("name"),
+        )
+        strict = (load_kwargs or {}).get("strict", True)
+        self.load_objects(to_load, self.save_handler.reader(name), strict=strict)  # type: ignore[attr-defined]
+        self._guard_names([name])  # type: ignore[attr-defined]  # the resume guard: kept until a newer commit
+
     def _load_source(self, checkpoint: Any, options: dict[str, Any]) -> Any:
         if self.sharded:
             name = self._own_filename(checkpoint.rstrip("/") if isinstance(checkpoint, str) else checkpoint)  # type: ignore[attr-defined]

@@ -63,7 +63,7 @@ def s3_saver(endpoint: str, bucket: str):
     )
 
 
-def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out: str, scenario: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import warnings
     from datetime import timedelta
@@ -93,7 +93,20 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
             sharded=True,
             n_saved=2,
             score_name="acc",
+            resume=scenario == "resume",
         )
+        if scenario == "resume":  # world 2 again: load the best kept checkpoint into the shards, go on training
+            result["resumed"] = ckpt.state_dict()["_saved"]
+            ckpt.load_objects({"model": model, "optimizer": optimizer}, ckpt.last_checkpoint)
+            state = full_state(model, optimizer)
+            if rank == 0:
+                result["equal"] = tensors_equal(state, torch.load(Path(out, "full_2.pt"), weights_only=True))
+            model(torch.ones(8, 16)).pow(2).sum().backward()
+            optimizer.step()
+            result["names"] = [ckpt.save(global_step=4, score=0.95)]
+            result["kept"] = ckpt.state_dict()["_saved"]
+            dist.barrier()
+            return
         generator = torch.Generator().manual_seed(1)
         names = []
         for step, acc in SCORES:
@@ -114,10 +127,10 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, endpoint: str, bucket: str, tmp_path: Path) -> list[dict]:
+def run_ranks(world: int, endpoint: str, bucket: str, tmp_path: Path, scenario: str = "train") -> list[dict]:
     ctx = mp.start_processes(
         _rank_main,
-        args=(world, free_port(), endpoint, bucket, str(tmp_path)),
+        args=(world, free_port(), endpoint, bucket, str(tmp_path), scenario),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -164,3 +177,17 @@ def test_fsdp2_world_2_sharded_checkpoints_keep_n_saved_and_resume_into_world_1_
     for step, name in ((2, ckpt.last_checkpoint), (3, "checkpoint_3_acc=0.7000")):
         ckpt.load_objects({"model": model, "optimizer": optimizer}, name)
         assert tensors_equal(full_state(model, optimizer), full[step]), f"step {step} differs"
+
+
+def test_fsdp2_world_2_resumes_its_own_sharded_checkpoints_bit_identically_and_retention_goes_on(
+    s3_endpoint, s3_bucket, s3_client, tmp_path
+):
+    run_ranks(2, s3_endpoint.url, s3_bucket, tmp_path)
+    results = run_ranks(2, s3_endpoint.url, s3_bucket, tmp_path, "resume")
+    kept = [[0.7, "checkpoint_3_acc=0.7000"], [0.9, "checkpoint_2_acc=0.9000"]]
+    assert [r["resumed"] for r in results] == [kept, kept]
+    assert results[0]["equal"]  # every rank's shards of the model and of Adam's state, as saved
+    after = [[0.9, "checkpoint_2_acc=0.9000"], [0.95, "checkpoint_4_acc=0.9500"]]
+    assert [r["kept"] for r in results] == [after, after]
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="fsdp/").get("Contents", [])]
+    assert {key.split("/")[1] for key in keys} == {name for _, name in after}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ckptcloud import Checkpoint
+from ckptcloud._retention import DEFAULT_N_SAVED
 from ckptcloud.dcp import CloudStorageReader, is_committed
 from ckptcloud.dcp.retention import ShardedSaver, list_sharded
 from ckptcloud.remote import RemoteSaver
@@ -310,3 +311,24 @@ def test_s3_sharded_checkpoint_keeps_n_saved_resumes_and_loads_bit_identically(s
     )
     Checkpoint.load_objects(other.objects(), reader)
     assert tensors_equal(other.state(), trainer.states[5])
+
+
+def test_reload_objects_loads_the_folder_its_filename_components_name():
+    store, trainer = MemoryStore("bucket", min_part_size=1024), Trainer()
+    ckpt = train_and_save(store, trainer)
+    fresh = Trainer(seed=1)
+    ckpt.reload_objects(fresh.objects(), global_step=5, score=0.8)
+    assert tensors_equal(fresh.state(), trainer.states[5])
+    assert "checkpoint_5_acc=0.8000" in ckpt.guarded
+
+
+def test_a_keep_policy_decides_which_folders_remain_and_resume_keeps_its_records():
+    from ckptcloud.policies import BestN, LatestN
+
+    store, trainer = MemoryStore("bucket", min_part_size=1024), Trainer()
+    ckpt = train_and_save(store, trainer, n_saved=DEFAULT_N_SAVED, keep=BestN(1) | LatestN(1))
+    kept = {"checkpoint_2_acc=0.9000", "checkpoint_5_acc=0.8000"}  # the best, and the latest
+    assert {name for _, name in ckpt.state_dict()["_saved"]} == kept
+    assert folders(store) == kept
+    again = make(store, Trainer(seed=1), n_saved=DEFAULT_N_SAVED, keep=BestN(1) | LatestN(1), resume=True)
+    assert again.state_dict() == ckpt.state_dict()  # with "_records": step, save time and score of each
