@@ -332,3 +332,24 @@ def test_a_keep_policy_decides_which_folders_remain_and_resume_keeps_its_records
     assert folders(store) == kept
     again = make(store, Trainer(seed=1), n_saved=DEFAULT_N_SAVED, keep=BestN(1) | LatestN(1), resume=True)
     assert again.state_dict() == ckpt.state_dict()  # with "_records": step, save time and score of each
+
+
+def test_writer_metadata_is_stored_on_the_metadata_object_and_bad_metadata_is_refused_at_construction(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptcloud.dcp import CloudStorageWriter
+
+    store = MemoryStore("bucket")
+    saver = RemoteSaver(store, "runs", check_bucket=False)
+    writer = CloudStorageWriter.from_saver(saver, "step-1", metadata={"ckptcloud_step": "1"})
+    dcp.save({"w": torch.ones(2)}, storage_writer=writer, no_dist=True)
+    assert store.head("runs/step-1/.metadata").metadata["ckptcloud_step"] == "1"
+    by_url = CloudStorageWriter((tmp_path / "x").as_uri(), metadata={"k": "v"})
+    assert pickle.loads(pickle.dumps(by_url))._metadata == {"k": "v"}  # process-mode async_save keeps it
+    for bad, error in [({"a-b": "v"}, ValueError), ({"k": "é"}, ValueError), ({"k": 1}, TypeError)]:
+        with pytest.raises(error, match="`metadata`"):
+            CloudStorageWriter.from_saver(saver, "step-2", metadata=bad)
+    with pytest.raises(ValueError, match="the writer sets it"):
+        CloudStorageWriter.from_saver(saver, "step-2", metadata={"ckptcloud_dcp_save": "x"})
