@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import IncompleteUpload, Store
+from ckptcloud.stores.local import TMP_DIR
 
 from .folder import delete_keys, list_folder, metadata_info, read_metadata
 from .layout import DATA_SUFFIX, METADATA, files_of
@@ -39,6 +40,7 @@ class _Folder:
     """What one folder directly under the prefix holds: its objects' keys and newest timestamp, its uploads."""
 
     keys: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)  # objects and uploads no sharded save makes
     newest: float | None = None
     unknown_age: bool = False
     uploads: list[IncompleteUpload] = field(default_factory=list)
@@ -48,6 +50,12 @@ class _Folder:
             self.unknown_age = True
         elif self.newest is None or when > self.newest:
             self.newest = when
+
+
+def _dcp_shaped(rest: str) -> bool:
+    """Whether ``rest`` (a key relative to its folder) is something a sharded save writes: a data file, ``.metadata``,
+    or a store's temporary part of an upload."""
+    return rest == METADATA or ("/" not in rest and rest.endswith(DATA_SUFFIX)) or rest.startswith(f"{TMP_DIR}/")
 
 
 def _base(prefix: str) -> str:
@@ -84,8 +92,11 @@ def _folders(store: Store, base: str, retry: Retry) -> dict[str, _Folder]:
         rest = info.key[len(base) :]
         if "/" not in rest:
             continue  # a file directly under the prefix (a single-file checkpoint): never touched
-        folder = folders.setdefault(rest.split("/", 1)[0], _Folder())
+        name, _, inside = rest.partition("/")
+        folder = folders.setdefault(name, _Folder())
         folder.keys.append(info.key)
+        if not _dcp_shaped(inside):
+            folder.foreign.append(info.key)
         folder.saw(info.last_modified)
     pending = retry.call(lambda: _pending_uploads(store, base), f"listing incomplete uploads in {store.url(base)}")
     for upload in pending:
@@ -101,6 +112,8 @@ def _folders(store: Store, base: str, retry: Retry) -> dict[str, _Folder]:
         folder.uploads = list(found.values())
         for upload in folder.uploads:
             folder.saw(upload.started)
+            if not _dcp_shaped(upload.key[len(base) + len(name) + 1 :]):
+                folder.foreign.append(upload.key)
     return folders
 
 
@@ -131,10 +144,13 @@ def cleanup_uncommitted(
     """Remove uncommitted sharded-checkpoint folders directly under ``prefix`` and the uploads left in them.
 
     A folder ``<prefix>/<name>/`` is removed when it has no ``.metadata`` (checked by listing, and again by one HEAD
-    just before deleting) and the newest thing in it (object or incomplete upload) is at least ``older_than``
-    seconds old, so saves still running are left alone: pass more than your longest save. First its incomplete
-    uploads are aborted, then its objects are deleted in batches (``delete_many``: up to 1,000 keys a request on
-    S3). Committed folders and objects directly under ``prefix`` (single-file checkpoints) are never touched.
+    just before deleting), holds only what sharded saves write (``*.distcp`` data files, a store's temporary
+    parts, incomplete uploads of data files: a folder with anything else, such as another run's single-file
+    checkpoints, is never touched), and the newest thing in it (object or incomplete upload) is at least
+    ``older_than`` seconds old, so saves still running are left alone: pass more than your longest save. First its
+    incomplete uploads are aborted, then its objects are deleted in batches (``delete_many``: up to 1,000 keys a
+    request on S3). Committed folders and objects directly under ``prefix`` (single-file checkpoints) are never
+    touched.
 
     With ``orphans=True``, committed folders are tidied too: data files (``*.distcp``) that their ``.metadata`` does
     not reference (what a save that lost the race for an id, and was killed before deleting its files, leaves) and
@@ -165,6 +181,13 @@ def cleanup_uncommitted(
     for name, folder in sorted(_folders(store, base, retry).items()):
         path = f"{base}{name}"
         committed = any(key == f"{path}/{METADATA}" for key in folder.keys)
+        if folder.foreign and not committed:  # another run's folder, or other files: not a sharded checkpoint
+            logger.info(
+                "not removing %s: it holds %s, which no sharded save writes",
+                store.url(f"{path}/"),
+                folder.foreign[0],
+            )
+            continue
         if not committed and _old_enough(folder, now, older_than):
             if metadata_info(store, path, retry) is not None:  # committed since the listing
                 continue

@@ -114,3 +114,16 @@ def test_orphans_removes_only_old_unreferenced_data_files_of_a_committed_checkpo
     loaded = {"w": torch.zeros(1000)}
     dcp.load(loaded, storage_reader=CloudStorageReader.from_saver(saver(store), "step-1"), no_dist=True)
     assert torch.equal(loaded["w"], state["w"])
+
+
+def test_a_folder_holding_anything_a_sharded_save_does_not_write_is_never_removed():
+    store = MemoryStore()
+    put(store, "runs/run-a/model_1.pt", age=2 * HOUR)  # another run's single-file checkpoints, prefix one level up
+    put(store, "runs/run-b/__0_x.distcp", age=2 * HOUR)
+    put(store, "runs/run-b/config.yaml", age=2 * HOUR)  # a data file next to something else: not ours to judge
+    begin(store, "runs/run-c/model_2.pt", age=2 * HOUR)  # a single-file save's upload, not a data file
+    put(store, "runs/run-d/__0_y.distcp", age=2 * HOUR)
+    put(store, "runs/run-d/.ckptcloud-tmp/abc/1", age=2 * HOUR)  # a store's temporary part (GCS): ours
+    assert cleanup_uncommitted(store, "runs", older_than=0) == ["runs/run-d/"]
+    assert keys(store) == ["runs/run-a/model_1.pt", "runs/run-b/__0_x.distcp", "runs/run-b/config.yaml"]
+    assert len(store.uploads) == 1
