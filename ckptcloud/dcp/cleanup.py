@@ -21,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import IncompleteUpload, Store
-from ckptcloud.stores.local import TMP_DIR
+from ckptcloud.stores.local import TMP_DIR, LocalStore
 
 from .folder import delete_keys, list_folder, metadata_info, read_metadata
 from .layout import DATA_SUFFIX, METADATA, files_of
@@ -75,6 +76,10 @@ def _pending_uploads(store: Store, base: str) -> list[IncompleteUpload]:
             return [
                 IncompleteUpload(u.key, uid, u.started) for uid, u in store.uploads.items() if u.key.startswith(base)
             ]
+    if isinstance(store, LocalStore):  # each folder's uploads are in its own temporary folder
+        root = store._path(base) if base else store._path("")
+        folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir()) if root.is_dir() else []
+        return [upload for name in folders for upload in store.list_incomplete(f"{base}{name}/")]
     client = getattr(store, "metadata_client", None)
     if client is not None and hasattr(client, "list_multipart_uploads"):  # S3
         found: list[IncompleteUpload] = []
@@ -196,6 +201,10 @@ def cleanup_uncommitted(
             if any(key == f"{path}/{METADATA}" for key in keys):
                 continue
             delete_keys(store, keys, retry)
+            if isinstance(store, LocalStore):  # the emptied directories too (what is not empty stays)
+                for directory in (store._path(f"{path}/{TMP_DIR}"), store._path(path)):
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
             removed.append(f"{path}/")
             logger.info("removed the uncommitted folder %s (%d files)", store.url(f"{path}/"), len(keys))
         elif committed and orphans:

@@ -127,3 +127,21 @@ def test_a_folder_holding_anything_a_sharded_save_does_not_write_is_never_remove
     assert cleanup_uncommitted(store, "runs", older_than=0) == ["runs/run-d/"]
     assert keys(store) == ["runs/run-a/model_1.pt", "runs/run-b/__0_x.distcp", "runs/run-b/config.yaml"]
     assert len(store.uploads) == 1
+
+
+def test_on_a_local_folder_a_killed_ranks_temporary_upload_and_the_emptied_folder_go(tmp_path):
+    from ckptcloud.stores.local import LocalStore
+
+    store = LocalStore()
+    base = str(tmp_path).lstrip("/") + "/run"
+    state = {"w": torch.arange(100, dtype=torch.float32)}
+    url = f"file://{tmp_path}/run/step-1"
+    dcp.save(state, storage_writer=CloudStorageWriter(url), no_dist=True)
+    upload = store.begin(f"{base}/step-2/__1_ab.distcp", {})  # a rank killed mid-upload: only its temporary part
+    store.put_part(upload, 1, memoryview(b"x" * 10))
+    store.put(f"{base}/step-3/__0_cd.distcp", memoryview(b"data"), {})
+    assert cleanup_uncommitted(store, base, older_than=0) == [f"{base}/step-2/", f"{base}/step-3/"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-1"]
+    loaded = {"w": torch.zeros(100)}
+    dcp.load(loaded, storage_reader=CloudStorageReader(url), no_dist=True)
+    assert torch.equal(loaded["w"], state["w"])
