@@ -126,11 +126,8 @@ class Checkpoint(Sharded, Naming, Resume, Loading, Retention):
 
         if not isinstance(sharded, bool):
             raise TypeError(f"Argument `sharded` should be a bool, but given {type(sharded)}")
-        if sharded and (async_save or include_self):
-            raise NotImplementedError(
-                f"sharded=True does not support {'async_save=True' if async_save else 'include_self=True'} yet: "
-                "save synchronously, and use resume=True to restore the kept list"
-            )
+        if sharded and include_self:
+            raise NotImplementedError("sharded=True does not support include_self=True yet: use resume=True")
 
         self.to_save = to_save
         self.filename_prefix = filename_prefix
@@ -259,6 +256,10 @@ class Checkpoint(Sharded, Naming, Resume, Loading, Retention):
         if self._background is None:
             self._write(payload, filename, metadata)
             finish()
+            return filename
+        if self.sharded:  # every rank: DCP copies its shards to the CPU now, and uploads them in the background
+            upload = self.save_handler.start_async(payload, filename, metadata)
+            self._background.submit(upload, finish, f"saving {filename}")
             return filename
         distributed.sync_xla(payload)  # every rank: XLA's pending graph is a collective step
         if self._writes_here():

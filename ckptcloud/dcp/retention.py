@@ -110,6 +110,7 @@ class ShardedSaver(BaseSaveHandler):
         if not isinstance(saver, RemoteSaver):
             raise TypeError(f"Argument `saver` should be a RemoteSaver (S3Saver, ...), but given {type(saver)}")
         self.saver = saver
+        self._group: Any = None  # async saves' own gloo group, made on first use
 
     def __repr__(self) -> str:
         return f"ShardedSaver({self.saver!r})"
@@ -136,6 +137,38 @@ class ShardedSaver(BaseSaveHandler):
             dcp.save(dict(checkpoint), storage_writer=writer, no_dist=no_dist)
         except CheckpointException as err:  # DCP's wrapper of every rank's failure: raise this rank's own
             raise _own_failure(err, 0 if no_dist else dist.get_rank()) from err
+
+    def start_async(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> Callable[[], None]:
+        """Start saving ``checkpoint`` as the folder ``filename`` with ``dcp.async_save`` (thread mode); collective.
+
+        DCP copies this rank's state to the CPU before this returns (training may then change it), and uploads in
+        its own thread, over a gloo process group of its own (made on first use, on every rank), so the upload's
+        collectives never interleave with training's. Returns what waits for the upload to be committed (raising
+        this rank's own error on failure).
+        """
+        import torch.distributed.checkpoint as dcp
+
+        from .writer import CloudStorageWriter
+
+        folder_name(filename)
+        writer = CloudStorageWriter.from_saver(self.saver, filename, metadata=_object_metadata(metadata))
+        no_dist = _no_dist()
+        if not no_dist and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        rank = 0 if no_dist else dist.get_rank()
+        try:
+            future = dcp.async_save(dict(checkpoint), storage_writer=writer, process_group=self._group, no_dist=no_dist)
+        except CheckpointException as err:
+            raise _own_failure(err, rank) from err
+        done = getattr(future, "upload_completion", future)  # an AsyncSaveResponse when staging is async too
+
+        def wait() -> None:
+            try:
+                done.result()
+            except CheckpointException as err:
+                raise _own_failure(err, rank) from err
+
+        return wait
 
     def reader(self, name: str) -> Any:
         """A :class:`~ckptcloud.dcp.CloudStorageReader` for the folder ``name``, with this saver's client."""

@@ -94,6 +94,7 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
             n_saved=2,
             score_name="acc",
             resume=scenario == "resume",
+            async_save=scenario == "async",
         )
         if scenario == "resume":  # world 2 again: load the best kept checkpoint into the shards, go on training
             result["resumed"] = ckpt.state_dict()["_saved"]
@@ -117,6 +118,7 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
             state = full_state(model, optimizer)
             if rank == 0:
                 torch.save(state, Path(out, f"full_{step}.pt"))
+        ckpt.close()  # async: the last upload is committed and its evictions done
         result["names"] = names
         result["kept"] = ckpt.state_dict()["_saved"]
         dist.barrier()
@@ -148,10 +150,11 @@ def run_ranks(world: int, endpoint: str, bucket: str, tmp_path: Path, scenario: 
     return results
 
 
+@pytest.mark.parametrize("scenario", ["train", "async"])
 def test_fsdp2_world_2_sharded_checkpoints_keep_n_saved_and_resume_into_world_1_bit_identically(
-    s3_endpoint, s3_bucket, s3_client, tmp_path
+    s3_endpoint, s3_bucket, s3_client, tmp_path, scenario
 ):
-    results = run_ranks(2, s3_endpoint.url, s3_bucket, tmp_path)
+    results = run_ranks(2, s3_endpoint.url, s3_bucket, tmp_path, scenario)
     assert all(r["sharded"] for r in results)  # each rank held half of every parameter
     kept = [[0.7, "checkpoint_3_acc=0.7000"], [0.9, "checkpoint_2_acc=0.9000"]]
     assert [r["kept"] for r in results] == [kept, kept]  # every rank follows the writer's decision

@@ -232,10 +232,8 @@ def test_same_name_is_not_saved_twice_and_a_committed_folder_is_never_replaced()
         assert ckpt.save(global_step=1) is None
 
 
-def test_sharded_refuses_async_include_self_and_handlers_that_cannot_hold_folders(tmp_path):
+def test_sharded_refuses_include_self_and_handlers_that_cannot_hold_folders(tmp_path):
     model = torch.nn.Linear(2, 1)
-    with pytest.raises(NotImplementedError, match="async_save"):
-        Checkpoint({"model": model}, tmp_path, sharded=True, async_save=True)
     with pytest.raises(NotImplementedError, match="include_self"):
         Checkpoint({"model": model}, tmp_path, sharded=True, include_self=True)
     with pytest.raises(TypeError, match="save_handler"):
@@ -353,3 +351,37 @@ def test_writer_metadata_is_stored_on_the_metadata_object_and_bad_metadata_is_re
             CloudStorageWriter.from_saver(saver, "step-2", metadata=bad)
     with pytest.raises(ValueError, match="the writer sets it"):
         CloudStorageWriter.from_saver(saver, "step-2", metadata={"ckptcloud_dcp_save": "x"})
+
+
+def test_async_sharded_saves_store_the_state_at_save_time_and_evict_only_after_each_commit():
+    store, trainer = RecordingStore(), Trainer()
+    with make(store, trainer, async_save=True) as ckpt:
+        for step, acc in SCORES:
+            trainer.step(step)
+            ckpt.save(global_step=step, score=acc)  # returns once DCP copied the state; training goes on
+        ckpt.wait()
+        assert ckpt.state_dict() == {"_saved": [(0.8, "checkpoint_5_acc=0.8000"), (0.9, "checkpoint_2_acc=0.9000")]}
+        assert folders(store) == {"checkpoint_5_acc=0.8000", "checkpoint_2_acc=0.9000"}
+        log = store.log
+        commit = log.index(("put", "runs/checkpoint_3_acc=0.7000/.metadata"))
+        assert min(i for i, (op, keys) in enumerate(log) if op.startswith("delete") and "_1_acc" in keys) > commit
+    for step in (2, 5):
+        fresh = Trainer(seed=1)
+        ckpt.load_objects(fresh.objects(), f"checkpoint_{step}_acc={dict(SCORES)[step]:.4f}")
+        assert tensors_equal(fresh.state(), trainer.states[step])
+
+
+def test_a_failed_async_sharded_save_raises_at_wait_and_changes_nothing():
+    store, trainer = RecordingStore(), Trainer()
+    ckpt = make(store, trainer, async_save=True)
+    trainer.step(1)
+    ckpt.save(global_step=1, score=0.5)
+    ckpt.wait()
+    before, objects_before = ckpt.state_dict(), dict(store.objects)
+    store.fail_under = "runs/checkpoint_2_acc=0.9000/"
+    trainer.step(2)
+    ckpt.save(global_step=2, score=0.9)
+    with pytest.raises(PermissionError, match="AccessDenied"):
+        ckpt.wait()
+    assert ckpt.state_dict() == before and store.objects == objects_before
+    ckpt.close()
