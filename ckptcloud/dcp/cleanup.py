@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -80,12 +81,15 @@ def _pending_uploads(store: Store, base: str) -> list[IncompleteUpload]:
         root = store._path(base) if base else store._path("")
         folders = sorted(entry.name for entry in root.iterdir() if entry.is_dir()) if root.is_dir() else []
         return [upload for name in folders for upload in store.list_incomplete(f"{base}{name}/")]
-    client = getattr(store, "metadata_client", None)
-    if client is not None and hasattr(client, "list_multipart_uploads"):  # S3
+    s3 = sys.modules.get("ckptcloud.stores.s3")  # imported wherever an S3Store exists (and only needs boto3 then)
+    if s3 is not None and isinstance(store, s3.S3Store):  # the store's own listing, without its "directly under" filter
         found: list[IncompleteUpload] = []
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=base):
-            for u in page.get("Uploads", []):
-                found.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
+        pages = store.metadata_client.get_paginator("list_multipart_uploads")
+        with store._errors("listing incomplete uploads", base, store.metadata_client):
+            args = store._args["ListMultipartUploads"]
+            for page in pages.paginate(Bucket=store.bucket, Prefix=base, **args):
+                for u in page.get("Uploads", []):
+                    found.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
         return found
     return []
 
