@@ -118,7 +118,12 @@ def is_reader(checkpoint: Any) -> bool:
 
 
 def local_folder_reader(checkpoint: str | Path) -> Any | None:
-    """A reader for a local path or ``file://`` URL naming a committed sharded checkpoint folder, else ``None``."""
+    """A reader for a local path or ``file://`` URL naming a committed sharded checkpoint folder; ``None`` for one
+    that names no folder.
+
+    Raises:
+        FileNotFoundError: a folder without ``.metadata`` (not a committed checkpoint).
+    """
     if isinstance(checkpoint, str) and checkpoint.startswith("file://"):
         from ckptcloud.urls import split_url
 
@@ -126,8 +131,13 @@ def local_folder_reader(checkpoint: str | Path) -> Any | None:
     if isinstance(checkpoint, str) and "://" in checkpoint:
         return None
     path = Path(checkpoint)
-    if not (path.is_dir() and (path / ".metadata").is_file()):
+    if not path.is_dir():
         return None
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(
+            f"no sharded checkpoint at {path}: {path / '.metadata'} does not exist (never saved, not yet committed, "
+            "or a save that failed)"
+        )
     from ckptcloud.dcp.reader import CloudStorageReader
 
     return CloudStorageReader(Path(os.path.abspath(path)).as_uri())

@@ -385,3 +385,11 @@ def test_a_failed_async_sharded_save_raises_at_wait_and_changes_nothing():
         ckpt.wait()
     assert ckpt.state_dict() == before and store.objects == objects_before
     ckpt.close()
+
+
+def test_loading_an_uncommitted_local_folder_says_it_is_not_a_committed_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoint_1"
+    folder.mkdir()
+    (folder / "__0_ab.distcp").write_bytes(b"x")  # a killed save's data file, no .metadata
+    with pytest.raises(FileNotFoundError, match="not yet committed"):
+        Checkpoint.load_objects(Trainer().objects(), folder)
