@@ -168,3 +168,18 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     widths = [max(len(line[i]) for line in cells) for i in range(len(fields))]
     for line in cells:
         sys.stdout.write("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
+def convert(src: str, dst: str, *, src_is_folder: bool, batch_mib: int) -> None:
+    """``convert SRC DST``: a sharded folder into one ``torch.save`` file, or a file into a sharded folder."""
+    from ckptcloud import convert as conversion
+
+    start = time.monotonic()
+    if src_is_folder:
+        done = conversion.sharded_to_file(src.rstrip("/"), dst, batch_bytes=batch_mib * 1024 * 1024)
+        what = f"one file ({_human(done.size or 0)}); at most {_human(done.peak_batch_bytes)} of tensors held at once"
+    else:
+        done = conversion.file_to_sharded(src, dst)
+        what = "a sharded checkpoint (committed)"
+    items = f"{done.tensors} tensors, {done.others} other items"
+    print(f"{src} -> {dst}: {what}, {items} ({time.monotonic() - start:.1f} s)")

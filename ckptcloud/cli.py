@@ -362,6 +362,10 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{url}: loads with weights_only=True ({len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))})")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    sharded.convert(args.src, args.dst, src_is_folder=_is_folder(args.src), batch_mib=args.batch_mib)
+
+
 def _cleanup(args: argparse.Namespace) -> None:
     saver = _folder_saver(args.url)
     removed = saver.cleanup_incomplete(older_than=args.older_than)
@@ -446,8 +450,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    cleanup = add("cleanup", _cleanup, "discard incomplete uploads a killed process left under URL", "url")
+    cleanup = add(
+        "cleanup",
+        _cleanup,
+        "discard incomplete uploads a killed process left under URL, and sharded checkpoint folders never committed",
+        "url",
+    )
     cleanup.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS", help="default: 3600")
+    convert = add(
+        "convert",
+        _convert,
+        "stream a sharded checkpoint folder (SRC/) into one torch.save file DST, or a file SRC into a sharded "
+        "folder DST; any store to any store",
+        "src",
+        "dst",
+    )
+    convert.add_argument("--batch-mib", type=_positive, default=64, metavar="MIB", help="tensor MiB loaded at once")
     sub.add_parser("demo", help="train, checkpoint to a local S3 server, restore (see 'ckptcloud demo -h')")
     return parser
 

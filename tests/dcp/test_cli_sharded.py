@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -184,3 +185,92 @@ def test_cleanup_never_deletes_folders_that_are_not_sharded_saves(capsys, s3):
     assert code == 0, err
     assert "incomplete sharded" not in out
     assert keys(client, bucket) == ["run/notes/readme.txt", "run/other-run/model_1.pt"]
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def training_state() -> dict:
+    from .helpers import training_state as make
+
+    made = make()
+    made["half"] = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    return made
+
+
+@pytest.fixture
+def two_buckets(s3):
+    client, bucket = s3
+    other = f"{bucket}-dst"
+    client.create_bucket(Bucket=other)
+    return client, bucket, other
+
+
+def test_convert_streams_a_sharded_checkpoint_into_one_file_in_another_bucket_that_loads_identically(two_buckets):
+    from .helpers import tensors_equal
+
+    client, bucket, other = two_buckets
+    saved = training_state()
+    dcp.save(saved, storage_writer=CloudStorageWriter(f"s3://{bucket}/run/step_7"), no_dist=True)
+    done = run("convert", f"s3://{bucket}/run/step_7/", f"s3://{other}/export/model.pt", "--batch-mib", "1")
+    assert done.returncode == 0, done.stderr
+    assert "one file" in done.stdout and "tensors" in done.stdout
+    checked = run("verify", f"s3://{other}/export/model.pt")  # the integrity trailer, then weights_only=True
+    assert checked.returncode == 0, checked.stderr
+    assert "verified CRC32C" in checked.stdout and "loads with weights_only=True" in checked.stdout
+    body = client.get_object(Bucket=other, Key="export/model.pt")["Body"].read()
+    loaded = torch.load(io.BytesIO(body), weights_only=True)
+    assert tensors_equal(saved, loaded)  # optimizer state keyed by int again, bf16 kept, plain values kept
+
+
+def test_convert_loads_tensors_in_batches_no_bigger_than_the_budget_or_the_largest_tensor(monkeypatch, tmp_path):
+    from ckptcloud import convert
+
+    sizes = [1, 3, 1, 1, 2]  # MiB
+    saved = {f"t{i}": torch.full((n * 1024 * 1024 // 4,), float(i)) for i, n in enumerate(sizes)}
+    dcp.save(saved, storage_writer=CloudStorageWriter(f"file://{tmp_path}/s"), no_dist=True)
+    loads: list[int] = []
+    real = convert._load
+
+    def counting(reader, state):
+        loads.append(sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor)))
+        return real(reader, state)
+
+    monkeypatch.setattr(convert, "_load", counting)
+    done = convert.sharded_to_file(f"file://{tmp_path}/s", f"file://{tmp_path}/m.pt", batch_bytes=2 * 1024 * 1024)
+    assert max(loads) == 3 * 1024 * 1024 == done.peak_batch_bytes  # the largest tensor, alone
+    assert sum(loads) == sum(sizes) * 1024 * 1024 and len(loads) >= 4  # each tensor loaded once, in batches
+    back = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(torch.equal(back[k], v) for k, v in saved.items())
+
+
+def test_convert_a_single_file_into_a_committed_sharded_folder_that_loads_identically(capsys, two_buckets):
+    from ckptcloud import serialization
+    from ckptcloud.dcp import CloudStorageReader
+
+    from .helpers import tensors_equal
+
+    client, bucket, other = two_buckets
+    saved = training_state()
+    buf = io.BytesIO()
+    serialization.save(saved, buf)
+    client.put_object(Bucket=bucket, Key="run/model_7.pt", Body=buf.getvalue())
+    code, out, err = cli(capsys, "convert", f"s3://{bucket}/run/model_7.pt", f"s3://{other}/sharded/model_7")
+    assert code == 0, err
+    assert "a sharded checkpoint (committed)" in out
+    fresh = training_state()
+    for tensor in (t for t in fresh["model"].values()):
+        tensor.zero_()
+    fresh["step"] = 0
+    dcp.load(fresh, storage_reader=CloudStorageReader(f"s3://{other}/sharded/model_7"), no_dist=True)
+    assert tensors_equal(saved, fresh)
+    code, out, _ = cli(capsys, "ls", f"s3://{other}/sharded", "--json")
+    assert [(r["name"], r["status"]) for r in json.loads(out)] == [("model_7/", "committed")]
+    code, _, err = cli(capsys, "convert", f"s3://{bucket}/run/model_7.pt", f"s3://{other}/sharded/model_7")
+    assert code == 1 and f"a sharded checkpoint is already committed at s3://{other}/sharded/model_7" in err
+
+
+def test_convert_refuses_an_incomplete_folder(capsys, s3):
+    client, bucket = s3
+    uncommitted(client, bucket, "step_3")
+    code, _, err = cli(capsys, "convert", f"s3://{bucket}/run/step_3/", f"s3://{bucket}/export/model.pt")
+    assert code == 3 and "no sharded checkpoint" in err
+    assert keys(client, bucket, "export/") == []
