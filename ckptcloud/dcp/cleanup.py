@@ -185,6 +185,8 @@ def cleanup_uncommitted(
     """
     retry = retry or Retry()
     base = _base(prefix)
+    if not base and isinstance(store, LocalStore):
+        raise ValueError("Argument `prefix` should name a folder on the local file system, but given ''")
     now = time.time()
     removed: list[str] = []
     for name, folder in sorted(_folders(store, base, retry).items()):
