@@ -65,11 +65,11 @@ def _base(prefix: str) -> str:
     return f"{prefix}/" if prefix else ""
 
 
-def _pending_uploads(store: Store, base: str) -> list[IncompleteUpload]:
+def _pending_uploads(store: Store, base: str) -> list[IncompleteUpload] | None:
     """Incomplete uploads anywhere under ``base`` (``Store.list_incomplete`` only reports those directly under a
     prefix, and a folder a killed rank left may hold nothing else). S3 and memory stores are asked directly; on
-    other stores the uploads of folders found by listing are found per folder (GCS's temporary parts are objects,
-    so such folders are listed; Azure's uncommitted blocks expire on their own)."""
+    other stores (``None``) the uploads of folders found by listing are found per folder (GCS's temporary parts are
+    objects, so such folders are listed; Azure's uncommitted blocks expire on their own)."""
     from ckptcloud.stores.memory import MemoryStore
 
     if isinstance(store, MemoryStore):
@@ -91,7 +91,7 @@ def _pending_uploads(store: Store, base: str) -> list[IncompleteUpload]:
                 for u in page.get("Uploads", []):
                     found.append(IncompleteUpload(u["Key"], (u["Key"], u["UploadId"]), u["Initiated"].timestamp()))
         return found
-    return []
+    return None
 
 
 def _folders(store: Store, base: str, retry: Retry) -> dict[str, _Folder]:
@@ -107,17 +107,19 @@ def _folders(store: Store, base: str, retry: Retry) -> dict[str, _Folder]:
         if not _dcp_shaped(inside):
             folder.foreign.append(info.key)
         folder.saw(info.last_modified)
-    pending = retry.call(lambda: _pending_uploads(store, base), f"listing incomplete uploads in {store.url(base)}")
+    every = retry.call(lambda: _pending_uploads(store, base), f"listing incomplete uploads in {store.url(base)}")
+    pending = every or []
     for upload in pending:
         rest = upload.key[len(base) :]
         if "/" in rest:
             folders.setdefault(rest.split("/", 1)[0], _Folder())
     for name, folder in folders.items():  # each folder's uploads as the store itself reports them
         found = {(u.key, str(u.upload)): u for u in pending if u.key.startswith(f"{base}{name}/")}
-        listed = retry.call(
-            lambda name=name: store.list_incomplete(f"{base}{name}/"), f"listing {store.url(f'{base}{name}/')}"
-        )
-        found.update({(u.key, str(u.upload)): u for u in listed})
+        if every is None:  # one listing per folder, on stores that cannot list them all at once
+            listed = retry.call(
+                lambda name=name: store.list_incomplete(f"{base}{name}/"), f"listing {store.url(f'{base}{name}/')}"
+            )
+            found.update({(u.key, str(u.upload)): u for u in listed})
         folder.uploads = list(found.values())
         for upload in folder.uploads:
             folder.saw(upload.started)

@@ -145,3 +145,17 @@ def test_on_a_local_folder_a_killed_ranks_temporary_upload_and_the_emptied_folde
     loaded = {"w": torch.zeros(100)}
     dcp.load(loaded, storage_reader=CloudStorageReader(url), no_dist=True)
     assert torch.equal(loaded["w"], state["w"])
+
+
+def test_on_stores_that_list_uploads_per_folder_only_the_uploads_of_listed_folders_are_found_and_aborted(
+    monkeypatch,
+):
+    from ckptcloud.dcp import cleanup
+
+    monkeypatch.setattr(cleanup, "_pending_uploads", lambda store, base: None)  # as on GCS and Azure
+    store = MemoryStore()
+    put(store, "run/step-2/__0_b.distcp", age=2 * HOUR)
+    begin(store, "run/step-2/__1_b.distcp", age=2 * HOUR)
+    begin(store, "run/step-3/__1_c.distcp", age=2 * HOUR)  # no object: such stores cannot see this folder
+    assert cleanup_uncommitted(store, "run", older_than=HOUR) == ["run/step-2/"]
+    assert keys(store) == [] and [u.key for u in store.uploads.values()] == ["run/step-3/__1_c.distcp"]
