@@ -10,6 +10,7 @@ folders older than a given age.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,19 @@ def delete(saver: Any, names: list[str]) -> None:
             saver.remove(name)
     store, base, retry = store_of(saver)
     for name in folders:
-        delete_folder(store, f"{base}{name.rstrip('/')}", retry)
+        _delete_folder(store, f"{base}{name.rstrip('/')}", retry)
+
+
+def _delete_folder(store: Store, prefix: str, retry: Retry) -> None:
+    """:func:`~ckptcloud.dcp.folder.delete_folder`, then, in a local folder, the directories it leaves empty."""
+    delete_folder(store, prefix, retry)
+    if isinstance(store, LocalStore):
+        root = Path("/" + prefix.strip("/"))
+        for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty: something else is in it, and stays
+                path.rmdir()
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def _target(url: str) -> Target:
@@ -124,7 +137,7 @@ def remove(url: str, confirm: Any) -> None:
         raise FileNotFoundError(f"no sharded checkpoint at {shown}: nothing is stored under it")
     state = "committed" if is_committed(target.store, target.prefix, target.retry) else "incomplete"
     confirm(f"delete the {state} sharded checkpoint {shown} ({len(infos)} files, {_human(sum(i.size for i in infos))})")
-    delete_folder(target.store, target.prefix, target.retry)
+    _delete_folder(target.store, target.prefix, target.retry)
     print(f"deleted {shown} ({len(infos)} files)")
 
 
@@ -146,7 +159,7 @@ def cleanup(saver: Any, url: str, older_than: float) -> int:
         for item in pending:
             if item.started is None or now - item.started >= older_than:
                 retry.call(lambda u=item.upload: store.abort(u), f"discarding {store.url(item.key)}")
-        delete_folder(store, prefix, retry)
+        _delete_folder(store, prefix, retry)
         print(f"deleted incomplete sharded checkpoint {store.url(prefix)}/ ({count} files)")
     if folders:
         print(f"{len(folders)} incomplete sharded checkpoint(s) older than {older_than:g} s deleted under {url}")

@@ -274,3 +274,49 @@ def test_convert_refuses_an_incomplete_folder(capsys, s3):
     code, _, err = cli(capsys, "convert", f"s3://{bucket}/run/step_3/", f"s3://{bucket}/export/model.pt")
     assert code == 3 and "no sharded checkpoint" in err
     assert keys(client, bucket, "export/") == []
+
+
+def test_checkpoint_sharded_folders_are_listed_ranked_and_pruned_by_their_exact_scores(capsys, s3):
+    client, bucket = s3
+    model = torch.nn.Linear(8, 4)
+    ckpt = Checkpoint({"model": model}, f"s3://{bucket}/run", sharded=True, n_saved=None, score_name="acc")
+    for step, score in [(1, 0.80004), (2, 0.80001), (3, 0.80003)]:  # equal to 4 decimals: only metadata ranks them
+        ckpt.save(global_step=step, score=score)
+    code, out, err = cli(capsys, "ls", f"s3://{bucket}/run", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["name"], r["step"], r["score"], r["status"]) for r in rows] == [
+        ("model_1_acc=0.8000/", 1, 0.80004, "committed"),
+        ("model_2_acc=0.8000/", 2, 0.80001, "committed"),
+        ("model_3_acc=0.8000/", 3, 0.80003, "committed"),
+    ]
+    code, out, err = cli(capsys, "prune", f"s3://{bucket}/run", "--keep", "2", "--yes")
+    assert code == 0, err
+    kept = sorted({k.split("/")[1] for k in keys(client, bucket, "run/")})
+    assert kept == ["model_1_acc=0.8000", "model_3_acc=0.8000"]
+    code, out, err = cli(capsys, "verify", f"s3://{bucket}/run/model_3_acc=0.8000/")
+    assert code == 0 and "every file's size and CRC32C verified" in out
+
+
+def test_local_folders_list_verify_and_remove_sharded_checkpoints_too(capsys, tmp_path):
+    url = f"file://{tmp_path}"
+    dcp.save(state(1), storage_writer=CloudStorageWriter(f"{url}/model_1"), no_dist=True)
+    dcp.save(state(2), storage_writer=CloudStorageWriter(f"{url}/model_2"), no_dist=True)
+    (tmp_path / "model_2" / ".metadata").unlink()  # killed before its commit
+    code, out, err = cli(capsys, "ls", url, "--json")
+    assert code == 0, err
+    assert [(r["name"], r["step"], r["status"]) for r in json.loads(out)] == [
+        ("model_1/", 1, "committed"),  # the step from the folder's name: local files carry no metadata
+        ("model_2/", None, "incomplete"),
+    ]
+    code, out, err = cli(capsys, "verify", f"{url}/model_1/")
+    assert code == 0 and "verified" in out, err
+    old = time.time() - 7200
+    for path in (tmp_path / "model_2").iterdir():
+        os.utime(path, (old, old))
+    code, out, err = cli(capsys, "cleanup", url, "--older-than", "3600")
+    assert code == 0, err
+    assert "deleted incomplete sharded checkpoint" in out and not (tmp_path / "model_2").exists()
+    code, out, err = cli(capsys, "rm", f"{url}/model_1/", "--yes")
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
