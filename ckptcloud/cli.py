@@ -190,6 +190,9 @@ def _ls(args: argparse.Namespace) -> None:
     if not rows:
         if args.json:
             print("[]")  # stdout stays valid JSON; the exit code says nothing was found
+        if sharded.is_folder(args.url):
+            shown = args.url.rstrip("/")
+            raise CliError(3, f"{shown}/ is a sharded checkpoint, not a prefix: list {_parent(shown)}")
         raise CliError(3, _nothing_to_list(saver, args.url))
     if args.json:
         print(json.dumps(rows, indent=2))

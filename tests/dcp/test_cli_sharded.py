@@ -121,6 +121,8 @@ def test_verify_of_an_incomplete_folder_is_not_found_and_says_why(capsys, s3):
     uncommitted(client, bucket, "step_2")
     code, _, err = cli(capsys, "verify", f"s3://{bucket}/run/step_2/")
     assert code == 3 and "not a committed sharded checkpoint" in err and "no .metadata" in err
+    code, _, err = cli(capsys, "ls", f"s3://{bucket}/run/step_2/")
+    assert code == 3 and f"is a sharded checkpoint, not a prefix: list s3://{bucket}/run/" in err
 
 
 def test_rm_deletes_the_whole_folder_after_confirmation_and_leaves_neighbours(capsys, s3):
@@ -320,3 +322,67 @@ def test_local_folders_list_verify_and_remove_sharded_checkpoints_too(capsys, tm
     code, out, err = cli(capsys, "rm", f"{url}/model_1/", "--yes")
     assert code == 0, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(params=["gcs", "azure"])
+def cloud(request, monkeypatch):
+    """``(url root, raw get, raw put)`` of a fresh GCS bucket or Azure container, URLs pointed at the emulator."""
+    from tests.conftest import AZURITE_API_VERSION
+
+    if request.param == "gcs":
+        client, bucket = request.getfixturevalue("gcs_client"), request.getfixturevalue("gcs_bucket")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("gcs_endpoint").url)
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+        blob = lambda key: client.bucket(bucket).blob(key)  # noqa: E731
+        return f"gs://{bucket}", lambda k: blob(k).download_as_bytes(), lambda k, d: blob(k).upload_from_string(d)
+    service, container = request.getfixturevalue("azure_service"), request.getfixturevalue("azure_container")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", request.getfixturevalue("azure_endpoint").url)
+    monkeypatch.setenv("AZURE_STORAGE_API_VERSION", AZURITE_API_VERSION)
+    client = service.get_container_client(container)
+    return (
+        f"az://{container}",
+        lambda key: client.download_blob(key).readall(),
+        lambda key, data: client.upload_blob(key, data, overwrite=True),
+    )
+
+
+def test_sharded_ls_verify_prune_convert_rm_on_gcs_and_azure(capsys, cloud):
+    root, raw_get, raw_put = cloud
+    ckpt = Checkpoint({"model": torch.nn.Linear(8, 4)}, f"{root}/run", sharded=True, n_saved=None, score_name="acc")
+    for step, score in [(1, 0.25), (2, 0.75001), (3, 0.5)]:
+        ckpt.save(global_step=step, score=score)
+    code, out, err = cli(capsys, "ls", f"{root}/run", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["step"], r["score"], r["status"], r["files"]) for r in rows] == [
+        (1, 0.25, "committed", 2),
+        (2, 0.75001, "committed", 2),  # the exact score from the .metadata object's metadata
+        (3, 0.5, "committed", 2),
+    ]
+    best = f"{root}/run/model_2_acc=0.7500/"
+    code, out, err = cli(capsys, "convert", best, f"{root}/export/model.pt")
+    assert code == 0, err
+    code, out, err = cli(capsys, "verify", f"{root}/export/model.pt")
+    assert code == 0 and "verified CRC32C" in out, err
+    code, out, err = cli(capsys, "prune", f"{root}/run", "--keep", "1", "--yes")
+    assert code == 0, err
+    code, out, _ = cli(capsys, "ls", f"{root}/run", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["model_2_acc=0.7500/"]
+    data = next(name for name in _names(best) if name.endswith(".distcp"))
+    body = bytearray(raw_get(f"run/model_2_acc=0.7500/{data}"))
+    body[-1] ^= 0x01
+    raw_put(f"run/model_2_acc=0.7500/{data}", bytes(body))
+    code, _, err = cli(capsys, "verify", best)
+    assert code == 1 and f"{data} is damaged: CRC32C" in err
+    code, out, err = cli(capsys, "rm", best, "--yes")
+    assert code == 0, err
+    assert cli(capsys, "ls", f"{root}/run")[0] == 3  # nothing left
+
+
+def _names(folder_url: str) -> list[str]:
+    """The files of a sharded folder, by listing it through the dcp package."""
+    from ckptcloud.dcp import list_folder
+    from ckptcloud.dcp.target import Target
+
+    target = Target(folder_url.rstrip("/"))
+    return [info.key.rpartition("/")[2] for info in list_folder(target.store, target.prefix)]
