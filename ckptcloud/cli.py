@@ -1,4 +1,5 @@
-"""The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove and prune checkpoints.
+"""The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove, prune and convert
+checkpoints, single files and sharded folders (see :mod:`ckptcloud._cli_sharded`).
 
 Exit codes: 0 ok; 1 the operation failed (integrity, load refused, transfer failed); 2 usage error, bad URL, unknown
 scheme or refused confirmation; 3 not found (no such object, folder or bucket; ls found no checkpoints); 4 permission
@@ -413,7 +414,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(arg, metavar=arg.upper())
         return cmd
 
-    add("ls", _ls, "list the checkpoints under URL", "url").add_argument("--json", action="store_true")
+    ls_text = "list the checkpoints under URL (a sharded folder is one entry, NAME/)"
+    add("ls", _ls, ls_text, "url").add_argument("--json", action="store_true")
     for cmd in (
         add(
             "get",
@@ -423,14 +425,22 @@ def _parser() -> argparse.ArgumentParser:
             "dest",
         ),
         add("put", _put, "upload a local file as the object at URL (streamed in parts)", "src", "url"),
-        add("verify", _verify, "check the integrity trailer, then torch.load(weights_only=True)", "url"),
+        add(
+            "verify",
+            _verify,
+            "check the integrity trailer, then torch.load(weights_only=True); for a sharded folder URL/, every "
+            "file's size and CRC32C",
+            "url",
+        ),
     ):
         cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    add("rm", _rm, "delete one object", "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
+    rm_text = "delete one object, or a sharded checkpoint folder URL/ whole"
+    add("rm", _rm, rm_text, "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
     prune = add(
         "prune",
         _prune,
-        "keep the N best (or latest) *.pt checkpoints under URL, or what a retention policy keeps (--keep-best, "
+        "keep the N best (or latest) *.pt checkpoints and committed sharded folders under URL, or what a retention "
+        "policy keeps (--keep-best, "
         "--keep-latest, --keep-every-steps, --keep-every-seconds: a checkpoint is kept if any keeps it); delete "
         "the others",
         "url",
