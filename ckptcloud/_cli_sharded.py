@@ -101,7 +101,7 @@ def is_folder(url: str) -> bool:
             info.key.rpartition("/")[2] == ".metadata" or info.key.endswith(".distcp")
             for info in list_folder(target.store, target.prefix, target.retry)
         )
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # no such bucket, or no folder in the URL; unreachable: raised
         return False
 
 

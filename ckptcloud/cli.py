@@ -367,7 +367,8 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    sharded.convert(args.src, args.dst, src_is_folder=_is_folder(args.src), batch_mib=args.batch_mib)
+    src_is_folder = args.src.endswith("/") or _is_folder(args.src)  # SRC/ is a folder, whatever is (not) there
+    sharded.convert(args.src, args.dst, src_is_folder=src_is_folder, batch_mib=args.batch_mib)
 
 
 def _cleanup(args: argparse.Namespace) -> None:
