@@ -37,6 +37,7 @@ class FolderError(Exception):
 
 
 def _human(n: float) -> str:
+    """``n`` bytes as ``B``, ``KiB`` ... (the main command's format)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -96,6 +96,7 @@ class _SlotStorage:
 
 
 def _contiguous_stride(size: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``size`` (what ``torch.empty(size).stride()`` gives)."""
     stride, acc = [], 1
     for dim in reversed(size):
         stride.append(acc)
@@ -133,6 +134,7 @@ class _Pickler(pickle.Pickler):
 
 
 def _pickle_storage_type(dtype: torch.dtype) -> Any:
+    """``torch.FloatStorage`` and the like: the storage type ``torch.save`` records for a tensor of ``dtype``."""
     storage = torch.storage.TypedStorage(0, dtype=dtype, _internal=True)
     return getattr(torch, storage._pickle_storage_type())
 
