@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ckptcloud._inventory import sharded_rows, uncommitted_folders
+from ckptcloud._inventory import sharded_rows
 from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, verify_folder
 from ckptcloud.dcp.retention import list_sharded
 from ckptcloud.dcp.target import Target
@@ -81,12 +81,17 @@ def _delete_folder(store: Store, prefix: str, retry: Retry) -> None:
     """:func:`~ckptcloud.dcp.folder.delete_folder`, then, in a local folder, the directories it leaves empty."""
     delete_folder(store, prefix, retry)
     if isinstance(store, LocalStore):
-        root = Path("/" + prefix.strip("/"))
-        for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):  # not empty: something else is in it, and stays
-                path.rmdir()
-        with contextlib.suppress(OSError):
-            root.rmdir()
+        _remove_empty_dirs(prefix)
+
+
+def _remove_empty_dirs(prefix: str) -> None:
+    """The local folder ``prefix`` and the directories under it, where empty (bottom up); others stay."""
+    root = Path("/" + prefix.strip("/"))
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something else is in it, and stays
+            path.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def _target(url: str) -> Target:
@@ -143,28 +148,21 @@ def remove(url: str, confirm: Any) -> None:
 
 
 def cleanup(saver: Any, url: str, older_than: float) -> int:
-    """Delete the incomplete sharded folders under ``saver`` whose newest file is at least ``older_than`` seconds
-    old (``.metadata`` never existed, so nothing lists or loads them), and discard the unfinished uploads in them.
-    Returns how many folders were deleted.
+    """Delete the incomplete sharded folders under ``saver`` whose newest file or upload is at least ``older_than``
+    seconds old (``.metadata`` never existed, so nothing lists or loads them), their unfinished uploads aborted:
+    :func:`ckptcloud.dcp.cleanup.cleanup_uncommitted`, which touches only folders holding nothing but what a
+    sharded save writes (never another run's folder of single files). Returns how many folders were deleted."""
+    from ckptcloud.dcp.cleanup import cleanup_uncommitted
 
-    Only folders that directly hold a ``*.distcp`` data file qualify, never any other sub-folder: a prefix such as
-    ``runs/`` often holds other runs' folders of single-file checkpoints, which have no ``.metadata`` either
-    (:func:`ckptcloud.dcp.cleanup.cleanup_uncommitted` treats every folder without ``.metadata`` as leftovers, so
-    the command does not call it).
-    """
     store, base, retry = store_of(saver)
-    now = time.time()
-    folders = uncommitted_folders(store, base, retry, older_than, now)
-    for prefix, count in folders:
-        pending = retry.call(lambda p=prefix: store.list_incomplete(f"{p}/"), f"listing {store.url(prefix + '/')}")
-        for item in pending:
-            if item.started is None or now - item.started >= older_than:
-                retry.call(lambda u=item.upload: store.abort(u), f"discarding {store.url(item.key)}")
-        _delete_folder(store, prefix, retry)
-        print(f"deleted incomplete sharded checkpoint {store.url(prefix)}/ ({count} files)")
-    if folders:
-        print(f"{len(folders)} incomplete sharded checkpoint(s) older than {older_than:g} s deleted under {url}")
-    return len(folders)
+    removed = cleanup_uncommitted(store, base, older_than, retry=retry)
+    for prefix in removed:
+        if isinstance(store, LocalStore):
+            _remove_empty_dirs(prefix)  # the directories it left empty
+        print(f"deleted incomplete sharded checkpoint {store.url(prefix.rstrip('/'))}/")
+    if removed:
+        print(f"{len(removed)} incomplete sharded checkpoint(s) older than {older_than:g} s deleted under {url}")
+    return len(removed)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

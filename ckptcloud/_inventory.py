@@ -168,18 +168,3 @@ def sharded_rows(
         if with_saved_at:
             rows[-1]["saved_at"] = _saved_at(meta, mtime or None) if marker is not None else None
     return rows
-
-
-def uncommitted_folders(store: Any, base: str, retry: Any, older_than: float, now: float) -> list[tuple[str, int]]:
-    """``(folder key prefix, number of objects)`` of every sharded folder under ``base`` without ``.metadata``
-    whose newest object was written at least ``older_than`` seconds before ``now``: the leftovers of a save that
-    failed or was killed. A folder with any newer object is left alone (a save may still be writing it).
-    """
-    out = []
-    for folder, infos in sharded_groups(store, base, retry).items():
-        if _marker(infos, base, folder) is not None:
-            continue
-        newest = max((info.last_modified for info in infos if info.last_modified is not None), default=None)
-        if newest is not None and now - newest >= older_than:
-            out.append((f"{base}{folder}", len(infos)))
-    return out
