@@ -23,6 +23,7 @@ Example:
     tensor([1., 1., 1.])
 """
 
+from ckptcloud.dcp.cleanup import cleanup_uncommitted
 from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, read_metadata, verify_folder
 from ckptcloud.dcp.layout import CheckpointExistsError, files_of
 from ckptcloud.dcp.reader import CloudStorageReader
@@ -34,6 +35,7 @@ __all__ = [
     "CloudStorageReader",
     "CloudStorageWriter",
     "ShardedSaver",
+    "cleanup_uncommitted",
     "delete_folder",
     "files_of",
     "is_committed",
