@@ -92,3 +92,79 @@ def listing_rows(saver: Any, *, with_saved_at: bool = False) -> list[dict[str, A
         if with_saved_at:
             rows[-1]["saved_at"] = _saved_at(meta, mtime)
     return rows
+
+
+# ------------------------------------------------------------------------------------------ sharded folders
+_METADATA = ".metadata"  # ckptcloud.dcp.layout.METADATA: a folder is a checkpoint exactly when it holds this
+_DATA_SUFFIX = ".distcp"
+
+
+def sharded_groups(store: Any, base: str, retry: Any) -> dict[str, list[Any]]:
+    """The sharded checkpoint folders directly under the key prefix ``base`` (``""`` or ending in ``/``), committed
+    or not: every sub-folder holding a ``.metadata`` or a ``*.distcp`` file directly, mapped to all its objects.
+
+    One LIST of ``base``; folders holding neither (another run's prefix, notes) are not sharded checkpoints.
+    """
+    listed = retry.call(lambda: store.list(base), f"listing {store.url(base)}")
+    groups: dict[str, list[Any]] = {}
+    for info in listed:
+        folder, slash, _ = info.key[len(base) :].partition("/")
+        if slash and folder:
+            groups.setdefault(folder, []).append(info)
+
+    def sharded(folder: str, infos: list[Any]) -> bool:
+        start = len(base) + len(folder) + 1
+        names = [info.key[start:] for info in infos if "/" not in info.key[start:]]
+        return _METADATA in names or any(name.endswith(_DATA_SUFFIX) for name in names)
+
+    return {name: infos for name, infos in sorted(groups.items()) if sharded(name, infos)}
+
+
+def _marker(infos: list[Any], base: str, folder: str) -> Any | None:
+    """The listed ``.metadata`` object of ``folder``, ``None`` when the folder is not committed."""
+    key = f"{base}{folder}/{_METADATA}"
+    return next((info for info in infos if info.key == key), None)
+
+
+def sharded_rows(
+    store: Any, base: str, retry: Any, *, with_saved_at: bool = False, committed: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per sharded checkpoint folder under ``base``, with the fields of :func:`listing_rows` plus ``files``
+    (how many objects), ``status`` (``committed`` or ``incomplete``: no ``.metadata``, a save in progress or one
+    that failed) and ``sharded: True``. The name ends with ``/``; size is the sum of every file in the folder.
+
+    Step and score come from the retention metadata of ``.metadata`` (one HEAD per committed folder where the
+    listing carries no metadata), else from the folder's name. Incomplete folders get neither: nothing ranks them.
+    ``committed``: the ``.metadata`` objects with their metadata, by folder name, as
+    :func:`ckptcloud.dcp.retention.list_sharded` returns them (then no HEAD is sent here).
+    """
+    rows = []
+    for folder, infos in sharded_groups(store, base, retry).items():
+        marker = _marker(infos, base, folder) if committed is None else committed.get(folder)
+        if marker is not None and not marker.metadata:
+            try:
+                marker = retry.call(lambda key=marker.key: store.head(key), f"reading {store.url(marker.key)}")
+            except FileNotFoundError:  # deleted since it was listed: no longer a checkpoint
+                marker = None
+        meta = dict(marker.metadata) if marker is not None else {}
+        step, score = _rank(folder, meta) if marker is not None else (None, None)
+        base_name, series = _series(folder, meta)
+        mtime = marker.last_modified if marker is not None else max((i.last_modified or 0.0 for i in infos), default=0)
+        when = None if not mtime else datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+        rows.append(
+            {
+                "name": f"{folder}/",
+                "step": step,
+                "score": score,
+                "size": sum(info.size for info in infos),
+                "time": when,
+                "series": series,
+                "base": base_name,
+                "files": len(infos),
+                "status": "committed" if marker is not None else "incomplete",
+                "sharded": True,
+            }
+        )
+        if with_saved_at:
+            rows[-1]["saved_at"] = _saved_at(meta, mtime or None) if marker is not None else None
+    return rows

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ckptcloud._retention import guarded_load
+from ckptcloud._sharded import is_reader, load_sharded, local_folder_reader, remote_folder_reader
 from ckptcloud._tree import tree_apply2, tree_leaves
 
 
@@ -84,15 +85,26 @@ class Loading:
             >>> from ckptcloud import Checkpoint
             >>> Checkpoint.load_objects({"model": model}, {"model": torch.nn.Linear(2, 1).state_dict()})
         """
-        if not isinstance(checkpoint, (Mapping, str, Path)):
+        if not isinstance(checkpoint, (Mapping, str, Path)) and not is_reader(checkpoint):
             raise TypeError(f"Argument checkpoint should be a string or a dictionary, but given {type(checkpoint)}")
         if not isinstance(to_load, Mapping):
             raise TypeError(f"Argument `to_load` should be a dictionary, but given {type(to_load)}")
         check_objects(to_load, "load_state_dict", "to_load")
-        if isinstance(checkpoint, (str, Path)):
+        reader = checkpoint if is_reader(checkpoint) else None
+        if reader is None and isinstance(checkpoint, (str, Path)):
             from ckptcloud.urls import load_checkpoint
 
-            checkpoint = load_checkpoint(checkpoint, map_location=map_location, weights_only=weights_only)
+            reader = local_folder_reader(checkpoint)
+            if reader is None:
+                try:
+                    checkpoint = load_checkpoint(checkpoint, map_location=map_location, weights_only=weights_only)
+                except (FileNotFoundError, ValueError):  # no such object: is it a sharded checkpoint's folder?
+                    reader = remote_folder_reader(checkpoint)
+                    if reader is None:
+                        raise
+        if reader is not None:  # a sharded checkpoint: every rank loads its own shards
+            load_sharded(to_load, reader, strict=kwargs.get("strict", True))
+            return
 
         def load_one(obj: Any, state: Any) -> None:
             if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)):

@@ -31,6 +31,7 @@ from ckptcloud._naming import Naming, check_name_arguments
 from ckptcloud._payload import state_dicts
 from ckptcloud._resume import Resume, as_priority, is_non_finite
 from ckptcloud._retention import DEFAULT_N_SAVED, Retention, check_keep, step_of
+from ckptcloud._sharded import Sharded, make_sharded_handler, sharded_state_dict
 from ckptcloud.background import BackgroundWriter
 from ckptcloud.contract import BaseSaveHandler, is_save_handler, metadata_mode
 from ckptcloud.handlers import DiskSaver
@@ -41,7 +42,7 @@ logger = logging.getLogger("ckptcloud")
 SaveHandler = Callable[..., Any]
 
 
-class Checkpoint(Naming, Resume, Loading, Retention):
+class Checkpoint(Sharded, Naming, Resume, Loading, Retention):
     """Save objects with ``state_dict`` periodically and keep only the best ``n_saved`` of them, or what a retention
     policy keeps (``keep=BestN(3) | LatestN(1)``, see :mod:`ckptcloud.policies`).
 
@@ -49,6 +50,8 @@ class Checkpoint(Naming, Resume, Loading, Retention):
     plain loop with :meth:`save`. ``save_handler`` is a save handler (``DiskSaver``, ``S3Saver``, ...), a callable
     ``(checkpoint, filename[, metadata])``, a local folder, or a URL such as ``s3://bucket/prefix``. With ``keep=``
     a save the policy would not keep is skipped before anything is uploaded; ``n_saved`` cannot be passed too.
+    With ``sharded=True`` every checkpoint is a ``torch.distributed.checkpoint`` folder written by every rank
+    (FSDP2/DTensor state stays sharded; see :mod:`ckptcloud._sharded`), named like the file minus ``.pt``.
 
     Example:
         >>> import tempfile, torch
@@ -92,6 +95,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         async_save: bool = False,
         run_id: str | None = None,
         keep: Policy | None = None,
+        sharded: bool = False,
     ) -> None:
         if not isinstance(to_save, Mapping):
             raise TypeError(f"Argument `to_save` should be a dictionary, but given {type(to_save)}")
@@ -119,9 +123,19 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         if run_id is not None and (not isinstance(run_id, str) or not run_id.strip()):
             raise ValueError(f"Argument `run_id` should be a non-empty string or None, but given {run_id!r}")
 
+        if not isinstance(sharded, bool):
+            raise TypeError(f"Argument `sharded` should be a bool, but given {type(sharded)}")
+        if sharded and include_self:
+            raise NotImplementedError("sharded=True does not support include_self=True yet: use resume=True")
+
         self.to_save = to_save
         self.filename_prefix = filename_prefix
-        self.save_handler: Any = self._make_save_handler(save_handler, save_on_rank, resume)
+        self.sharded = sharded
+        self.save_handler: Any = (
+            make_sharded_handler(save_handler, save_on_rank, resume)
+            if sharded
+            else self._make_save_handler(save_handler, save_on_rank, resume)
+        )
         self.score_function = score_function
         self.score_name = score_name
         if score_name is not None and score_function is None:
@@ -223,7 +237,7 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         plan = self._completed(shared)
         filename: str = plan["filename"]
         payload: Any = self._setup_checkpoint()
-        if len(payload) == 1 and not self.include_self:
+        if len(payload) == 1 and not self.include_self and not self.sharded:
             payload = payload[self._name()]
         metadata = {"basename": self._basename(), "score_name": self.score_name, "priority": plan["priority"]}
         if getattr(self.save_handler, "stores_run_id", False):  # remote savers keep these; others get ignite's keys
@@ -241,6 +255,10 @@ class Checkpoint(Naming, Resume, Loading, Retention):
         if self._background is None:
             self._write(payload, filename, metadata)
             finish()
+            return filename
+        if self.sharded:  # every rank: DCP copies its shards to the CPU now, and uploads them in the background
+            upload = self.save_handler.start_async(payload, filename, metadata)
+            self._background.submit(upload, finish, f"saving {filename}")
             return filename
         distributed.sync_xla(payload)  # every rank: XLA's pending graph is a collective step
         if self._writes_here():
@@ -268,6 +286,9 @@ class Checkpoint(Naming, Resume, Loading, Retention):
             return None
         filename = self._filename(with_score=with_score, score=priority, global_step=global_step)
         same_name = next((item for item in self._saved if item.filename == filename), None)
+        if same_name is not None and self.sharded:  # a committed folder is written once: never replaced
+            warnings.warn(f"not saving {filename}: a sharded checkpoint of that name is kept", RuntimeWarning, 5)
+            return None
         if same_name is not None and priority < same_name.priority:
             # e.g. scores 0.95004 then 0.94996 with a score-only name: both are "..._0.9500.pt"
             warnings.warn(
@@ -352,6 +373,8 @@ class Checkpoint(Naming, Resume, Loading, Retention):
             warnings.warn(f"could not remove evicted checkpoint {filename!r}: {err}", RuntimeWarning, stacklevel=4)
 
     def _setup_checkpoint(self) -> dict[str, Any]:
+        if self.sharded:  # every rank: its own shards
+            return sharded_state_dict(self.to_save)
         return state_dicts(self.to_save, self.save_on_rank)
 
 

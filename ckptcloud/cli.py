@@ -1,4 +1,5 @@
-"""The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove and prune checkpoints.
+"""The ``ckptcloud`` command (also ``python -m ckptcloud``): list, copy, verify, remove, prune and convert
+checkpoints, single files and sharded folders (see :mod:`ckptcloud._cli_sharded`).
 
 Exit codes: 0 ok; 1 the operation failed (integrity, load refused, transfer failed); 2 usage error, bad URL, unknown
 scheme or refused confirmation; 3 not found (no such object, folder or bucket; ls found no checkpoints); 4 permission
@@ -22,6 +23,7 @@ from typing import IO, Any
 
 import torch
 
+from ckptcloud import _cli_sharded as sharded
 from ckptcloud import serialization
 from ckptcloud._inventory import listing_rows
 from ckptcloud._tree import tree_leaves
@@ -185,21 +187,18 @@ def _nothing_to_list(saver: Any, url: str) -> str:
 
 def _ls(args: argparse.Namespace) -> None:
     saver = _folder_saver(args.url)
-    rows = listing_rows(saver)
+    rows = sharded.with_folders(saver, listing_rows(saver))
     if not rows:
         if args.json:
             print("[]")  # stdout stays valid JSON; the exit code says nothing was found
+        if sharded.is_folder(args.url):
+            shown = args.url.rstrip("/")
+            raise CliError(3, f"{shown}/ is a sharded checkpoint, not a prefix: list {_parent(shown)}")
         raise CliError(3, _nothing_to_list(saver, args.url))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cells = [["name", "step", "score", "size", "time (UTC)"]]
-    for r in rows:
-        cells.append([r["name"], *("" if r[k] is None else str(r[k]) for k in ("step", "score"))])
-        cells[-1] += [_human(r["size"]), r["time"] or ""]
-    widths = [max(len(line[i]) for line in cells) for i in range(5)]
-    for line in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    sharded.print_table(rows)
 
 
 def _get(args: argparse.Namespace) -> None:
@@ -256,6 +255,9 @@ def _put(args: argparse.Namespace) -> None:
 
 
 def _rm(args: argparse.Namespace) -> None:
+    if _is_folder(args.url):
+        sharded.remove(args.url, lambda question: _confirm(question, args.yes))
+        return
     saver, name = _object(args.url)
     _confirm(f"delete {args.url}", args.yes)
     saver.remove(name)
@@ -303,7 +305,7 @@ def _series_rows(args: argparse.Namespace, rows: list[dict[str, Any]], ranked: C
 def _prune(args: argparse.Namespace) -> None:
     policy = _policy(args)  # usage errors before any request
     saver = _folder_saver(args.url)
-    rows = listing_rows(saver, with_saved_at=policy is not None)
+    rows = sharded.with_folders(saver, listing_rows(saver, with_saved_at=policy is not None), with_saved_at=True)
     if policy is None:  # --keep N --by score|step: only checkpoints whose score (or step) is known are candidates
         by = args.by or "score"
         rows = _series_rows(args, rows, lambda r: r[by] is not None)
@@ -332,16 +334,26 @@ def _prune(args: argparse.Namespace) -> None:
         print("nothing deleted" + (" (dry run)" if args.dry_run else ""))
         return
     _confirm(f"delete {len(drop)} checkpoint(s) under {args.url}", args.yes)
-    names = [row["name"] for row in drop]
-    if callable(getattr(saver, "remove_many", None)):
-        saver.remove_many(names)  # S3: one DeleteObjects request per 1,000 checkpoints
-    else:
-        for name in names:
-            saver.remove(name)
+    sharded.delete(saver, [row["name"] for row in drop])  # folders whole, .metadata first
     print(f"deleted {len(drop)} checkpoint(s), kept {len(keep)}")
 
 
+def _is_folder(url: str) -> bool:
+    """Whether ``url`` names a sharded checkpoint folder (committed or not): ``URL/`` with a ``.metadata`` or
+    ``*.distcp`` file under it, or an object URL that names no object but such a folder."""
+    if url.endswith("/"):
+        return sharded.is_folder(url)  # else: "names no object", as for any URL ending in '/'
+    try:
+        _object(url)
+    except FileNotFoundError:
+        return sharded.is_folder(url)
+    return False
+
+
 def _verify(args: argparse.Namespace) -> None:
+    if _is_folder(args.url):
+        sharded.verify(args.url)
+        return
     (saver, name), url = _object(args.url), args.url
     with tempfile.TemporaryFile(prefix="ckptcloud-") as file:
         _download(saver, name, file, _Bar("verify", args.quiet))
@@ -354,11 +366,18 @@ def _verify(args: argparse.Namespace) -> None:
     print(f"{url}: loads with weights_only=True ({len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))})")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    src_is_folder = args.src.endswith("/") or _is_folder(args.src)  # SRC/ is a folder, whatever is (not) there
+    sharded.convert(args.src, args.dst, src_is_folder=src_is_folder, batch_mib=args.batch_mib)
+
+
 def _cleanup(args: argparse.Namespace) -> None:
-    removed = _folder_saver(args.url).cleanup_incomplete(older_than=args.older_than)
+    saver = _folder_saver(args.url)
+    removed = saver.cleanup_incomplete(older_than=args.older_than)
     for item in removed:
         print(f"discarded {item}")
     print(f"{len(removed)} incomplete upload(s) older than {args.older_than:g} s discarded under {args.url}")
+    sharded.cleanup(saver, args.url, args.older_than)
 
 
 def _count(text: str) -> int:
@@ -396,7 +415,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(arg, metavar=arg.upper())
         return cmd
 
-    add("ls", _ls, "list the checkpoints under URL", "url").add_argument("--json", action="store_true")
+    ls_text = "list the checkpoints under URL (a sharded folder is one entry, NAME/)"
+    add("ls", _ls, ls_text, "url").add_argument("--json", action="store_true")
     for cmd in (
         add(
             "get",
@@ -406,14 +426,22 @@ def _parser() -> argparse.ArgumentParser:
             "dest",
         ),
         add("put", _put, "upload a local file as the object at URL (streamed in parts)", "src", "url"),
-        add("verify", _verify, "check the integrity trailer, then torch.load(weights_only=True)", "url"),
+        add(
+            "verify",
+            _verify,
+            "check the integrity trailer, then torch.load(weights_only=True); for a sharded folder URL/, every "
+            "file's size and CRC32C",
+            "url",
+        ),
     ):
         cmd.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    add("rm", _rm, "delete one object", "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
+    rm_text = "delete one object, or a sharded checkpoint folder URL/ whole"
+    add("rm", _rm, rm_text, "url").add_argument("--yes", "-y", action="store_true", help="do not ask")
     prune = add(
         "prune",
         _prune,
-        "keep the N best (or latest) *.pt checkpoints under URL, or what a retention policy keeps (--keep-best, "
+        "keep the N best (or latest) *.pt checkpoints and committed sharded folders under URL, or what a retention "
+        "policy keeps (--keep-best, "
         "--keep-latest, --keep-every-steps, --keep-every-seconds: a checkpoint is kept if any keeps it); delete "
         "the others",
         "url",
@@ -436,8 +464,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     prune.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    cleanup = add("cleanup", _cleanup, "discard incomplete uploads a killed process left under URL", "url")
+    cleanup = add(
+        "cleanup",
+        _cleanup,
+        "discard incomplete uploads a killed process left under URL, and sharded checkpoint folders never committed",
+        "url",
+    )
     cleanup.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS", help="default: 3600")
+    convert = add(
+        "convert",
+        _convert,
+        "stream a sharded checkpoint folder (SRC/) into one torch.save file DST, or a file SRC into a sharded "
+        "folder DST; any store to any store",
+        "src",
+        "dst",
+    )
+    convert.add_argument("--batch-mib", type=_positive, default=64, metavar="MIB", help="tensor MiB loaded at once")
     sub.add_parser("demo", help="train, checkpoint to a local S3 server, restore (see 'ckptcloud demo -h')")
     return parser
 
@@ -457,7 +499,7 @@ def _version() -> str:
 def _exit_code(err: BaseException) -> int:
     chain = (err, err.__cause__, getattr(err, "cause", None))  # ``cause``: google.api_core's RetryError
     names = {cls.__name__ for e in chain if isinstance(e, BaseException) for cls in type(e).__mro__}
-    if isinstance(err, CliError):
+    if isinstance(err, (CliError, sharded.FolderError)):
         return err.code
     if isinstance(err, FileNotFoundError):
         return 3
@@ -495,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("CKPTCLOUD_DEBUG"):
             raise
-        known = type(err).__module__ in ("builtins", "ckptcloud.errors", __name__) and str(err)
+        known = type(err).__module__ in ("builtins", "ckptcloud.errors", __name__, sharded.__name__) and str(err)
         notes = "".join(f" ({note.removeprefix('ckptcloud: ')})" for note in getattr(err, "__notes__", []))
         print(f"ckptcloud: {err if known else f'{type(err).__name__}: {err}'}{notes}", file=sys.stderr)
         return _exit_code(err)

@@ -10,7 +10,8 @@ Modules: :mod:`~ckptcloud.dcp.writer` and :mod:`~ckptcloud.dcp.reader` (the two 
 :mod:`~ckptcloud.dcp.layout` (file names, what ``.metadata`` records, its safe decoding);
 :mod:`~ckptcloud.dcp.folder` (is a folder committed, its files, verifying and deleting one);
 :mod:`~ckptcloud.dcp.agreement` (how the ranks of a save stop together); :mod:`~ckptcloud.dcp.target` (URL and
-options to a store).
+options to a store); :mod:`~ckptcloud.dcp.retention` (the committed checkpoint folders under a saver's prefix, and
+the save handler of ``Checkpoint(..., sharded=True)``).
 
 Example:
     >>> import tempfile, torch, torch.distributed.checkpoint as dcp
@@ -22,19 +23,24 @@ Example:
     tensor([1., 1., 1.])
 """
 
+from ckptcloud.dcp.cleanup import cleanup_uncommitted
 from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, read_metadata, verify_folder
 from ckptcloud.dcp.layout import CheckpointExistsError, files_of
 from ckptcloud.dcp.reader import CloudStorageReader
+from ckptcloud.dcp.retention import ShardedSaver, list_sharded
 from ckptcloud.dcp.writer import CloudStorageWriter
 
 __all__ = [
     "CheckpointExistsError",
     "CloudStorageReader",
     "CloudStorageWriter",
+    "ShardedSaver",
+    "cleanup_uncommitted",
     "delete_folder",
     "files_of",
     "is_committed",
     "list_folder",
+    "list_sharded",
     "read_metadata",
     "verify_folder",
 ]

@@ -128,8 +128,10 @@ class CloudStorageReader(StorageReader):
             rank 0 reads ``.metadata`` and broadcasts it, so every rank of the group must call ``dcp.load`` (as DCP
             requires anyway). Pass ``False`` to have each rank read it itself, e.g. for ``dcp.load(...,
             no_dist=True)`` on some ranks only.
-        trust_metadata: unpickle ``.metadata`` without restrictions (only for checkpoints you trust; a custom
-            planner's data may need it). By default only the classes DCP metadata is made of are rebuilt.
+        trust_metadata: unpickle ``.metadata`` and the non-tensor items without restrictions (only for checkpoints
+            you trust; a custom planner's data may need it). By default only the classes DCP metadata is made of
+            are rebuilt, and every non-tensor item must load with ``torch.load(weights_only=True)`` before DCP's
+            planner unpickles it (DCP's default planner itself loads them with ``weights_only=False``).
         **options: ``part_size`` (the longest coalesced read; default 16 MiB), ``max_concurrency`` (ranged GETs at
             once; default 8), ``retry``, ``progress``, and the client/credential arguments of the scheme's saver.
 
@@ -325,6 +327,8 @@ class CloudStorageReader(StorageReader):
     def _deliver(self, index: MetadataIndex, data: memoryview, items: list[ReadItem], planner: LoadPlanner) -> None:
         url = self._target.url_of(self._locations[index].relative_path)
         if items[0].type == LoadItemType.BYTE_IO:
+            if not self._trusted:  # the planner unpickles with weights_only=False: only what the safe unpickler takes
+                serialization.load(_ViewReader(data), name=f"item {index.fqn!r} of {url}")
             for item in items:
                 planner.load_bytes(item, io.BytesIO(data))
             return

@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -125,6 +126,9 @@ class CloudStorageWriter(StorageWriter):
             ``client=``, ...: see :class:`~ckptcloud.S3Saver`, :class:`~ckptcloud.GCSSaver`,
             :class:`~ckptcloud.AzureBlobSaver`). For process-mode ``async_save``, pass arguments that pickle
             (``endpoint_url=``, not ``client=``).
+        metadata: user metadata stored with the ``.metadata`` object when it is created (keys are identifiers,
+            values percent-encoded ASCII, as :class:`~ckptcloud.Checkpoint` writes its retention metadata), so a
+            listing and one HEAD tell what the checkpoint is without reading it.
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp
@@ -137,12 +141,13 @@ class CloudStorageWriter(StorageWriter):
         tensor([1., 1.])
     """
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, *, metadata: Mapping[str, str] | None = None, **options: Any) -> None:
         super().__init__()
-        self._start(Target(url, **options))
+        self._start(Target(url, **options), metadata)
 
-    def _start(self, target: Target) -> None:
+    def _start(self, target: Target, metadata: Mapping[str, str] | None = None) -> None:
         require_numpy_across_ranks()
+        self._metadata = _check_metadata(metadata)
         self._target = target
         self._is_coordinator = True
         self._rank = 0
@@ -152,8 +157,11 @@ class CloudStorageWriter(StorageWriter):
         return f"CloudStorageWriter({self._target.url!r})"
 
     @classmethod
-    def from_saver(cls, saver: RemoteSaver, folder: str) -> CloudStorageWriter:
-        """The checkpoint folder ``folder`` under ``saver``'s prefix, with its store, client and pipeline options.
+    def from_saver(
+        cls, saver: RemoteSaver, folder: str, *, metadata: Mapping[str, str] | None = None
+    ) -> CloudStorageWriter:
+        """The checkpoint folder ``folder`` under ``saver``'s prefix, with its store, client and pipeline options;
+        ``metadata`` is stored with ``.metadata`` (see the class).
 
         Such a writer does not pickle: for process-mode ``async_save``, make it from a URL.
 
@@ -165,7 +173,7 @@ class CloudStorageWriter(StorageWriter):
         """
         writer = cls.__new__(cls)
         StorageWriter.__init__(writer)
-        writer._start(Target.from_saver(saver, folder))
+        writer._start(Target.from_saver(saver, folder), metadata)
         return writer
 
     @property
@@ -341,7 +349,7 @@ class CloudStorageWriter(StorageWriter):
     def _publish_metadata(self, body: bytes, token: str) -> None:
         target = self._target
         key = target.key(METADATA)
-        object_metadata = {SAVE_TOKEN_KEY: token}
+        object_metadata = {**self._metadata, SAVE_TOKEN_KEY: token}
         if checksum.FAST:
             object_metadata[CRC_KEY] = str(crc32c(body))
 
@@ -405,6 +413,32 @@ class CloudStorageWriter(StorageWriter):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         """Whether ``checkpoint_id`` is a URL this writer takes (``s3://``, ``gs://``, ``az://``, ``file://``)."""
         return _is_url(checkpoint_id)
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``metadata`` as a plain dict of identifier keys and ASCII values, without the keys the writer sets itself.
+
+    Raises:
+        TypeError: not a mapping of strings.
+        ValueError: a key is not an identifier, a value is not ASCII, or a key is one the writer sets.
+    """
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"Argument `metadata` should be a mapping of str to str, but given {type(metadata)}")
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"Argument `metadata` should map str to str, but given {key!r}: {value!r}")
+        if not key.isidentifier() or not value.isascii():
+            raise ValueError(
+                f"Argument `metadata`: keys must be identifiers and values ASCII (percent-encode them), given "
+                f"{key!r}: {value!r}"
+            )
+        if key in (SAVE_TOKEN_KEY, CRC_KEY):
+            raise ValueError(f"Argument `metadata` cannot set {key!r}: the writer sets it")
+        out[key] = value
+    return out
 
 
 def _size(info: ObjectInfo | None) -> int | None:

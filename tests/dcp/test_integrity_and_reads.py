@@ -85,6 +85,34 @@ def test_metadata_that_references_other_classes_is_refused_unless_trusted():
     assert torch.equal(loaded["w"], state["w"])
 
 
+RAN: list[str] = []
+
+
+def _mark(what: str) -> str:
+    RAN.append(what)
+    return what
+
+
+class _Runs:
+    """Stands in for a pickle that runs code when unpickled: DCP's planner would call it with weights_only=False."""
+
+    def __reduce__(self):
+        return (_mark, ("unpickled",))
+
+
+def test_a_non_tensor_item_the_safe_unpickler_refuses_is_never_unpickled_unless_trusted():
+    store = MemoryStore("bucket", min_part_size=PART)
+    _save(store, {"w": torch.arange(3.0), "extra": _Runs()})
+    RAN.clear()
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=_reader(store), no_dist=True)
+    assert "weights_only" in str(rank_failure(caught.value))
+    assert RAN == []  # refused before DCP's planner could unpickle it
+    trusting = CloudStorageReader.from_saver(memory_saver(store), "s", trust_metadata=True)
+    dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=trusting, no_dist=True)
+    assert RAN == ["unpickled"]
+
+
 def _four_tensors() -> dict:
     return {name: torch.full((25_000,), float(i)) for i, name in enumerate("abcd")}  # 100 kB each
 
