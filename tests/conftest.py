@@ -201,3 +201,23 @@ def azure_container(azure_service: object) -> Iterator[str]:
     azure_service.create_container(name)  # type: ignore[attr-defined]
     yield name
     azure_service.delete_container(name)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["gcs", "azure"])
+def cloud(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """``(url root, raw get, raw put)`` of a fresh GCS bucket or Azure container, URLs pointed at the emulator."""
+    if request.param == "gcs":
+        client, bucket = request.getfixturevalue("gcs_client"), request.getfixturevalue("gcs_bucket")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("gcs_endpoint").url)
+        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
+        blob = lambda key: client.bucket(bucket).blob(key)  # noqa: E731
+        return f"gs://{bucket}", lambda k: blob(k).download_as_bytes(), lambda k, d: blob(k).upload_from_string(d)
+    service, container = request.getfixturevalue("azure_service"), request.getfixturevalue("azure_container")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", request.getfixturevalue("azure_endpoint").url)
+    monkeypatch.setenv("AZURE_STORAGE_API_VERSION", AZURITE_API_VERSION)
+    client = service.get_container_client(container)
+    return (
+        f"az://{container}",
+        lambda key: client.download_blob(key).readall(),
+        lambda key, data: client.upload_blob(key, data, overwrite=True),
+    )

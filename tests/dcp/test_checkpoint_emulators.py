@@ -12,7 +12,6 @@ from ckptcloud import Checkpoint
 from ckptcloud.dcp.retention import list_sharded
 from ckptcloud.retry import Retry
 from ckptcloud.urls import saver_from_url
-from tests.conftest import AZURITE_API_VERSION
 
 from .helpers import tensors_equal
 from .test_checkpoint_sharded import RETENTION_KEYS, SCORES, Trainer
@@ -21,22 +20,6 @@ pytest.importorskip("numpy", reason="torch.distributed.checkpoint needs numpy (c
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")]
 MiB = 1024 * 1024
 RETRY = Retry(max_attempts=3, initial_backoff=0.01, max_backoff=0.1)
-
-
-@pytest.fixture(params=["s3", "gcs", "azure"])
-def place(request):
-    """``(url of a fresh prefix, saver options)`` on each emulator."""
-    kind = request.param
-    if kind == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"s3://{bucket}/runs", {"endpoint_url": endpoint.url, "region_name": "us-east-1", "part_size": 5 * MiB}
-    if kind == "gcs":
-        bucket = request.getfixturevalue("gcs_bucket")
-        return f"gs://{bucket}/runs", {"client": request.getfixturevalue("gcs_client"), "part_size": 1 * MiB}
-    container = request.getfixturevalue("azure_container")
-    conn = request.getfixturevalue("azure_endpoint").url
-    return f"az://{container}/runs", {"connection_string": conn, "api_version": AZURITE_API_VERSION, "part_size": MiB}
 
 
 def test_sharded_checkpoint_keeps_n_saved_folders_resumes_and_loads_on_every_store(place):

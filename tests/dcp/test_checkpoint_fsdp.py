@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ckptcloud.testing.servers import free_port
+from tests.spawning import spawn_ranks
 
 from .helpers import tensors_equal
 
@@ -130,24 +130,8 @@ def _rank_main(rank: int, world: int, port: int, endpoint: str, bucket: str, out
 
 
 def run_ranks(world: int, endpoint: str, bucket: str, tmp_path: Path, scenario: str = "train") -> list[dict]:
-    ctx = mp.start_processes(
-        _rank_main,
-        args=(world, free_port(), endpoint, bucket, str(tmp_path), scenario),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    for _ in range(TIMEOUT_S):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for process in ctx.processes:
-            process.kill()
-        pytest.fail(f"ranks still running after {TIMEOUT_S} s: a rank is stuck")
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for result in results:
-        assert "crash" not in result, result["crash"]
-    return results
+    args = (world, free_port(), endpoint, bucket, str(tmp_path), scenario)
+    return spawn_ranks(_rank_main, world, args, tmp_path, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("scenario", ["train", "async"])

@@ -324,28 +324,6 @@ def test_local_folders_list_verify_and_remove_sharded_checkpoints_too(capsys, tm
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(params=["gcs", "azure"])
-def cloud(request, monkeypatch):
-    """``(url root, raw get, raw put)`` of a fresh GCS bucket or Azure container, URLs pointed at the emulator."""
-    from tests.conftest import AZURITE_API_VERSION
-
-    if request.param == "gcs":
-        client, bucket = request.getfixturevalue("gcs_client"), request.getfixturevalue("gcs_bucket")
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("gcs_endpoint").url)
-        monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test")
-        blob = lambda key: client.bucket(bucket).blob(key)  # noqa: E731
-        return f"gs://{bucket}", lambda k: blob(k).download_as_bytes(), lambda k, d: blob(k).upload_from_string(d)
-    service, container = request.getfixturevalue("azure_service"), request.getfixturevalue("azure_container")
-    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", request.getfixturevalue("azure_endpoint").url)
-    monkeypatch.setenv("AZURE_STORAGE_API_VERSION", AZURITE_API_VERSION)
-    client = service.get_container_client(container)
-    return (
-        f"az://{container}",
-        lambda key: client.download_blob(key).readall(),
-        lambda key, data: client.upload_blob(key, data, overwrite=True),
-    )
-
-
 def test_sharded_ls_verify_prune_convert_rm_on_gcs_and_azure(capsys, cloud):
     root, raw_get, raw_put = cloud
     ckpt = Checkpoint({"model": torch.nn.Linear(8, 4)}, f"{root}/run", sharded=True, n_saved=None, score_name="acc")

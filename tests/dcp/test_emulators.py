@@ -16,7 +16,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from ckptcloud.dcp import CheckpointExistsError, CloudStorageReader, CloudStorageWriter, is_committed, list_folder
 from ckptcloud.errors import IntegrityError
 from ckptcloud.retry import Retry
-from tests.conftest import AZURITE_API_VERSION
 
 from .helpers import rank_failure, tensors_equal
 
@@ -39,22 +38,6 @@ def blank() -> dict:
     state = big_state(seed=99)
     state["epoch"] = -1
     return state
-
-
-@pytest.fixture(params=["s3", "gcs", "azure"])
-def place(request):
-    """``(url of a fresh folder, options)`` on each emulator."""
-    kind = request.param
-    if kind == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = request.getfixturevalue("s3_bucket")
-        return f"s3://{bucket}/runs", {"endpoint_url": endpoint.url, "region_name": "us-east-1", "part_size": 5 * MiB}
-    if kind == "gcs":
-        bucket = request.getfixturevalue("gcs_bucket")
-        return f"gs://{bucket}/runs", {"client": request.getfixturevalue("gcs_client"), "part_size": 1 * MiB}
-    container = request.getfixturevalue("azure_container")
-    conn = request.getfixturevalue("azure_endpoint").url
-    return f"az://{container}/runs", {"connection_string": conn, "api_version": AZURITE_API_VERSION, "part_size": MiB}
 
 
 def _save(url: str, options: dict, state: dict, **kwargs) -> None:
