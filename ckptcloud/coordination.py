@@ -104,9 +104,11 @@ class BeatWatch:
         self._looked = now
         ranks = list(self._keys)
         keys = [self._keys[rank] for rank in ranks]
+        values: list[bytes | None] | None = None
         if keys and self._store.check(keys):
-            values: list[bytes | None] = [bytes(v) for v in self._store.multi_get(keys)]
-        else:  # some rank has not beaten yet: key by key
+            with contextlib.suppress(AttributeError, NotImplementedError):  # a store without multi_get
+                values = [bytes(v) for v in self._store.multi_get(keys)]
+        if values is None:  # some rank has not beaten yet: key by key
             values = [bytes(self._store.get(k)) if self._store.check([k]) else None for k in keys]
         for rank, value in zip(ranks, values, strict=True):
             if value is not None and value != self._seen[rank][0]:

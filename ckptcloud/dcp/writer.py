@@ -10,7 +10,8 @@ How a save goes (``dcp.save`` calls these in this order):
    compact CPU tensor; no temporary file), recording each item's offset, length and CRC32C as the bytes pass. The
    file is committed (completed) at the end. Ranks agree through the process group's store
    (:mod:`ckptcloud.dcp.agreement`): a rank that fails tells the others, which cancel their uploads and delete what
-   they committed; every rank raises.
+   they committed; every rank raises. A rank that dies without a word (SIGKILL) stops beating its heartbeat, and
+   the others raise :class:`~ckptcloud.errors.RankFailedError` within a minute (not the process group's timeout).
 3. ``finish`` (coordinator, only when every rank's ``write_data`` succeeded): check with one listing that every
    data file is there at its size, then create ``.metadata`` with a conditional write that only creates (S3
    ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure ``If-None-Match: *``, a hard link on local disk). If
