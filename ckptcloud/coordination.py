@@ -23,7 +23,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptcloud.errors import RemoteSaveError
@@ -33,6 +33,88 @@ BEAT_INTERVAL = 1.0
 MAX_POLL = 0.5
 """Longest sleep between two polls of a waiting follower (the first ones are a few milliseconds)."""
 MAX_ERROR_TEXT = 2000
+
+
+@contextlib.contextmanager
+def heartbeat(store: Any, key: str, interval: float = BEAT_INTERVAL) -> Iterator[None]:
+    """While in this block, set ``key`` in ``store`` to a growing counter every ``interval`` seconds (a daemon thread).
+
+    The thread is stopped and joined when the block ends, also on an exception, so it never outlives the work it
+    vouches for. A store that fails (the job is ending) ends the beating; the waiters find out on their own.
+
+    Example:
+        >>> import torch.distributed as dist
+        >>> store = dist.HashStore()
+        >>> with heartbeat(store, "beat/0"):
+        ...     pass
+        >>> int(store.get("beat/0")) >= 1
+        True
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while True:
+            count += 1
+            try:
+                store.set(key, str(count))
+            except Exception:
+                return
+            if stop.wait(interval):
+                return
+
+    beater = threading.Thread(target=beat, name="ckptcloud-heartbeat", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join(timeout=10 * interval + 10)  # a store call hung past this ends with the store's own timeout
+
+
+class BeatWatch:
+    """When the heartbeats of other ranks last changed, by this process's clock (hosts' clocks may differ).
+
+    A rank whose beat did not change for ``stale_after`` seconds (counted from this watch's creation for a rank that
+    never beat) is stale: dead, or cut off. Looks at the store at most every ``min_interval`` seconds, with two
+    requests (``check`` and ``multi_get``) whatever the number of ranks once they all beat.
+
+    Args:
+        store: the key-value store every rank shares.
+        keys: each watched rank's beat key.
+        stale_after: seconds without a changed beat after which a rank is stale.
+        min_interval: shortest time between two looks at the store.
+    """
+
+    def __init__(self, store: Any, keys: Mapping[int, str], stale_after: float, min_interval: float) -> None:
+        self._store = store
+        self._keys = dict(keys)
+        self.stale_after = stale_after
+        self._min_interval = min_interval
+        now = time.monotonic()
+        self._seen: dict[int, tuple[bytes | None, float]] = {rank: (None, now) for rank in self._keys}
+        self._looked = float("-inf")
+        self._stale: list[int] = []
+
+    def stale(self) -> list[int]:
+        """The ranks whose beat has not changed for :attr:`stale_after` seconds (sorted; empty while all beat)."""
+        now = time.monotonic()
+        if now - self._looked < self._min_interval:
+            return self._stale
+        self._looked = now
+        ranks = list(self._keys)
+        keys = [self._keys[rank] for rank in ranks]
+        values: list[bytes | None] | None = None
+        if keys and self._store.check(keys):
+            with contextlib.suppress(AttributeError, NotImplementedError):  # a store without multi_get
+                values = [bytes(v) for v in self._store.multi_get(keys)]
+        if values is None:  # some rank has not beaten yet: key by key
+            values = [bytes(self._store.get(k)) if self._store.check([k]) else None for k in keys]
+        for rank, value in zip(ranks, values, strict=True):
+            if value is not None and value != self._seen[rank][0]:
+                self._seen[rank] = (value, now)
+        self._stale = sorted(rank for rank, (_, seen) in self._seen.items() if now - seen > self.stale_after)
+        return self._stale
 
 
 class CoordinationTimeout(RemoteSaveError, TimeoutError):

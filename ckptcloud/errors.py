@@ -16,6 +16,17 @@ class RemoteSaveError(CkptcloudError):
     """Raised on the ranks that did not upload when the writing rank's save failed."""
 
 
+class RankFailedError(RemoteSaveError):
+    """A rank of a sharded save stopped beating its heartbeat (killed, or its host lost) before it finished writing.
+
+    Raised on every surviving rank, naming the dead rank(s) and the checkpoint; their uploads are cancelled and
+    nothing is committed. Only ranks that stop beating are declared dead: a slow upload keeps its rank alive.
+    """
+
+    ranks: tuple[int, ...] = ()
+    """The ranks found dead (empty when the store itself was lost)."""
+
+
 class TransientError(CkptcloudError, ConnectionError):
     """A failure worth retrying: 5xx, throttling (S3 ``SlowDown``, HTTP 429), connection resets, timeouts.
 

@@ -10,7 +10,8 @@ How a save goes (``dcp.save`` calls these in this order):
    compact CPU tensor; no temporary file), recording each item's offset, length and CRC32C as the bytes pass. The
    file is committed (completed) at the end. Ranks agree through the process group's store
    (:mod:`ckptcloud.dcp.agreement`): a rank that fails tells the others, which cancel their uploads and delete what
-   they committed; every rank raises.
+   they committed; every rank raises. A rank that dies without a word (SIGKILL) stops beating its heartbeat, and
+   the others raise :class:`~ckptcloud.errors.RankFailedError` within a minute (not the process group's timeout).
 3. ``finish`` (coordinator, only when every rank's ``write_data`` succeeded): check with one listing that every
    data file is there at its size, then create ``.metadata`` with a conditional write that only creates (S3
    ``If-None-Match: *``, GCS ``ifGenerationMatch=0``, Azure ``If-None-Match: *``, a hard link on local disk). If
@@ -38,11 +39,11 @@ from torch.futures import Future
 from ckptcloud import checksum, serialization
 from ckptcloud.checksum import crc32c, crc32c_combine
 from ckptcloud.contract import ObjectInfo
-from ckptcloud.errors import CkptcloudError, RemoteSaveError
+from ckptcloud.errors import CkptcloudError, RankFailedError, RemoteSaveError
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.streaming import PartWriter, choose_part_size
 
-from .agreement import SaveAgreement, require_numpy_across_ranks
+from .agreement import SaveAgreement, remote_error, require_numpy_across_ranks
 from .folder import delete_keys, list_folder, metadata_info
 from .layout import (
     CRC_KEY,
@@ -152,6 +153,7 @@ class CloudStorageWriter(StorageWriter):
         self._is_coordinator = True
         self._rank = 0
         self._token: str | None = None
+        self._rank_failure: RankFailedError | None = None
 
     def __repr__(self) -> str:
         return f"CloudStorageWriter({self._target.url!r})"
@@ -233,9 +235,40 @@ class CloudStorageWriter(StorageWriter):
         target = self._target
         name = data_file_name(files.rank, files.token)
         what = f"saving the sharded checkpoint {target.url}"
+        self._rank_failure = None
+        # the heartbeat runs from here until this rank is past wait_for_all (its thread ends with the block)
+        beating = agreement.alive() if agreement is not None else contextlib.nullcontext()
+        try:
+            with beating:
+                results = self._write_and_agree(name, plan, planner, agreement, what)
+        except RankFailedError as err:  # DCP's gather then fails on the dead rank's socket, hiding this error
+            self._rank_failure = err
+            raise
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    @property
+    def rank_failure(self) -> RankFailedError | None:
+        """The :class:`~ckptcloud.errors.RankFailedError` this rank's last ``write_data`` raised, if any.
+
+        When a rank dies mid-save, the survivors find it dead by its heartbeat (see :mod:`ckptcloud.dcp.agreement`)
+        and raise this error (and log it), but ``dcp.save`` then runs its own gather, which fails at once on the dead
+        rank's closed socket: what ``dcp.save`` raises is gloo's ``RuntimeError: Connection closed by peer``. This
+        property tells which rank died and where (``None`` when no rank was found dead).
+        """
+        return self._rank_failure
+
+    def _write_and_agree(
+        self, name: str, plan: SavePlan, planner: SavePlanner, agreement: SaveAgreement | None, what: str
+    ) -> list[WriteResult]:
+        """Write this rank's file, then wait for every rank (see :meth:`write_data`)."""
+        target = self._target
         try:  # a rank with nothing to write (DCP's dedup gave its replicated items to others) writes no file
             results = self._write_file(name, plan.items, planner, agreement) if plan.items else []
         except BaseException as err:
+            if agreement is not None and agreement.dead is not None and err is not agreement.dead:
+                raise agreement.dead from err  # this rank found another dead and cancelled its own upload
             if agreement is not None and not isinstance(err, RemoteSaveError):  # not another rank's failure
                 with contextlib.suppress(Exception):  # the store gone too: DCP's gather still reports this error
                     agreement.report(err)
@@ -244,8 +277,9 @@ class CloudStorageWriter(StorageWriter):
             try:
                 agreement.wait_for_all(what)
             except BaseException:
-                self._delete_quietly([target.key(name)])  # another rank failed: this file is no use
+                self._delete_quietly([target.key(name)])  # another rank failed or died: this file is no use
                 raise
+        return results
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -272,10 +306,12 @@ class CloudStorageWriter(StorageWriter):
         ]
         placed: list[tuple[WriteItem, int, int, int]] = []
 
-        def stop(text: str) -> None:
-            writer.cancel(RemoteSaveError(f"saving the sharded checkpoint {target.url} failed on {text}"))
+        what = f"saving the sharded checkpoint {target.url}"
 
-        watching = agreement.watch(stop) if agreement is not None else contextlib.nullcontext()
+        def stop(text: str) -> None:
+            writer.cancel(remote_error(what, text))
+
+        watching = agreement.watch(stop, what) if agreement is not None else contextlib.nullcontext()
         try:
             with watching:
                 for item in ordered:

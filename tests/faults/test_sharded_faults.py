@@ -85,12 +85,16 @@ RANK = textwrap.dedent(
         )
         options = dict(endpoint_url=endpoint, region_name="us-east-1", part_size=5 << 20, max_concurrency=1)
         started = time.monotonic()
+        writer = None
         try:
             for one in url.split(","):  # several saves in a row: one per URL
-                dcp.save(state, storage_writer=CloudStorageWriter(one, retry=retry, **options))
+                writer = CloudStorageWriter(one, retry=retry, **options)
+                dcp.save(state, storage_writer=writer)
                 result["saved"] = result.get("saved", 0) + 1
         except BaseException as err:
             result["save_error"] = f"{type(err).__name__}: {err}"[:600]
+            if writer is not None and writer.rank_failure is not None:  # hidden by gloo's error from DCP's gather
+                result["rank_failure"] = f"{type(writer.rank_failure).__name__}: {writer.rank_failure}"[:600]
         result["seconds"] = round(time.monotonic() - started, 2)
     except BaseException:
         result["crash"] = traceback.format_exc()
@@ -108,17 +112,21 @@ def full_state() -> dict[str, torch.Tensor]:
     return {"w": torch.randn(ROWS, COLS, generator=generator), "b": torch.randn(ROWS, generator=generator)}
 
 
-def run_ranks(endpoint: str, url: str, scenario: str, out: Path) -> tuple[list[dict[str, Any]], list[int], float]:
-    """Start the ranks, wait for all (bounded); their results (``{}`` for a rank that died), exit codes, seconds."""
+def run_ranks(
+    endpoint: str, url: str, scenario: str, out: Path, pg_timeout: float = PG_TIMEOUT_S, **environ: str
+) -> tuple[list[dict[str, Any]], list[int], float]:
+    """Start the ranks, wait for all (bounded); their results (``{}`` for a rank that died), exit codes, seconds.
+
+    ``pg_timeout`` is the process group's timeout; ``environ`` is added to the ranks' environment."""
     out.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = []
     for rank in range(WORLD):
         log = open(out / f"rank{rank}.log", "wb")
         argv = [sys.executable, "-c", RANK, str(rank), str(WORLD), port, endpoint, url, scenario, str(out)]
-        argv = [*argv, str(PG_TIMEOUT_S)]
+        argv = [*argv, str(pg_timeout)]
         io = {"stdout": log, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL}
         procs.append(subprocess.Popen(argv, **io, start_new_session=True, env=env, cwd=root))
         log.close()
@@ -227,6 +235,45 @@ def test_a_rank_killed_mid_save_commits_nothing_the_other_rank_raises_promptly_a
         f"\n[faults] sharded s3 world {WORLD}, rank {victim} SIGKILLed mid-save: rank {survivor} raised in "
         f"{entry['survivor_seconds_to_raise']} s, nothing committed, older checkpoint intact; leftovers "
         f"{checked['leftover_objects']} objects + {checked['leftover_uploads']} incomplete uploads, 0 after cleanup"
+    )
+
+
+# ------------------------------------------- a2. a rank is SIGKILLed, the process group's timeout at its default
+DEFAULT_PG_TIMEOUT_S = 1800  # torch's default for gloo: the survivor must not wait for it
+STALE_AFTER_S = 3  # the ranks' heartbeat staleness bound (CKPTCLOUD_DCP_STALE_AFTER), instead of 60 s
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0-coordinator"])
+def test_a_rank_killed_mid_save_is_found_dead_by_its_heartbeat_long_before_the_process_group_timeout(
+    victim, s3_endpoint, s3_bucket, tmp_path, fault_report
+):
+    endpoint = s3_endpoint.url
+    old = save_old(f"s3://{s3_bucket}/run/step-1", endpoint)
+    store = store_of(endpoint, s3_bucket)
+    url = f"s3://{s3_bucket}/run/step-2"
+    stale = {"CKPTCLOUD_DCP_STALE_AFTER": str(STALE_AFTER_S)}
+    results, codes, elapsed = run_ranks(endpoint, url, f"kill_rank{victim}", tmp_path, DEFAULT_PG_TIMEOUT_S, **stale)
+    survivor = 1 - victim
+    assert codes[victim] == -signal.SIGKILL and results[victim] == {}, f"rank {victim} was not killed: {codes}"
+    assert "saved" not in results[survivor] and "save_error" in results[survivor], results[survivor]
+    assert results[survivor]["seconds"] < 10, results[survivor]
+    # dcp.save itself raises gloo's "Connection closed by peer" from its gather right after write_data raised
+    found = results[survivor].get("rank_failure", "")
+    assert found.startswith("RankFailedError: ") and url in found, results[survivor]
+    if victim == 1:
+        assert "rank 1 showed no heartbeat for 3 s" in found, found
+    checked = check_after_failure(store, endpoint, s3_bucket, old)
+    entry = {
+        "test": "sharded_rank_killed_default_pg_timeout", "store": "s3", "server": "moto_server", "world": WORLD,
+        "killed_rank": victim, "pg_timeout_s": DEFAULT_PG_TIMEOUT_S, "stale_after_s": STALE_AFTER_S, "committed": 0,
+        "survivor_seconds_to_raise": results[survivor]["seconds"], "seconds": round(elapsed, 1),
+        "survivor_error": results[survivor]["save_error"][:300], "rank_failure": found[:300], **checked,
+    }  # fmt: skip
+    fault_report.append(entry)
+    print(
+        f"\n[faults] sharded s3 world {WORLD}, rank {victim} SIGKILLed mid-save, process-group timeout "
+        f"{DEFAULT_PG_TIMEOUT_S} s, heartbeat bound {STALE_AFTER_S} s: rank {survivor} raised in "
+        f"{entry['survivor_seconds_to_raise']} s; writer.rank_failure: {found[:200]}"
     )
 
 
