@@ -137,6 +137,10 @@ class ShardedSaver(BaseSaveHandler):
             dcp.save(dict(checkpoint), storage_writer=writer, no_dist=no_dist)
         except CheckpointException as err:  # DCP's wrapper of every rank's failure: raise this rank's own
             raise _own_failure(err, 0 if no_dist else dist.get_rank()) from err
+        except RuntimeError as err:  # a dead peer: DCP's own gather then fails on its closed socket
+            if writer.rank_failure is None:
+                raise
+            raise writer.rank_failure from err
 
     def start_async(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> Callable[[], None]:
         """Start saving ``checkpoint`` as the folder ``filename`` with ``dcp.async_save`` (thread mode); collective.
@@ -167,6 +171,10 @@ class ShardedSaver(BaseSaveHandler):
                 done.result()
             except CheckpointException as err:
                 raise _own_failure(err, rank) from err
+            except RuntimeError as err:  # a dead peer, as in save()
+                if writer.rank_failure is None:
+                    raise
+                raise writer.rank_failure from err
 
         return wait
 
