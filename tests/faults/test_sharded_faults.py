@@ -68,7 +68,7 @@ RANK = textwrap.dedent(
         state = {name: distribute_tensor(t, mesh, [Shard(0)]) for name, t in full_state().items()}
         state["step"] = 2
         if scenario.startswith("kill_rank"):
-            victim = int(scenario[len("kill_rank"):])
+            victim = int(scenario[len("kill_rank"):].split("+")[0])
             put_part, sent = S3Store.put_part, []
 
             def put_part_or_die(self, upload, number, data):
@@ -88,8 +88,17 @@ RANK = textwrap.dedent(
         writer = None
         try:
             for one in url.split(","):  # several saves in a row: one per URL
-                writer = CloudStorageWriter(one, retry=retry, **options)
-                dcp.save(state, storage_writer=writer)
+                if scenario.endswith("+handler"):  # the save handler Checkpoint(sharded=True) calls
+                    from ckptcloud import S3Saver
+                    from ckptcloud.dcp.retention import ShardedSaver
+
+                    bucket, _, key = one[len("s3://"):].partition("/")
+                    prefix, _, name = key.rpartition("/")
+                    saver = S3Saver(bucket, prefix, require_empty=False, retry=retry, **options)
+                    ShardedSaver(saver)(state, name)
+                else:
+                    writer = CloudStorageWriter(one, retry=retry, **options)
+                    dcp.save(state, storage_writer=writer)
                 result["saved"] = result.get("saved", 0) + 1
         except BaseException as err:
             result["save_error"] = f"{type(err).__name__}: {err}"[:600]
@@ -275,6 +284,21 @@ def test_a_rank_killed_mid_save_is_found_dead_by_its_heartbeat_long_before_the_p
         f"{DEFAULT_PG_TIMEOUT_S} s, heartbeat bound {STALE_AFTER_S} s: rank {survivor} raised in "
         f"{entry['survivor_seconds_to_raise']} s; writer.rank_failure: {found[:200]}"
     )
+
+
+def test_the_sharded_save_handler_raises_rank_failed_error_naming_the_dead_rank_not_gloos_error(
+    s3_endpoint, s3_bucket, tmp_path
+):
+    endpoint = s3_endpoint.url
+    old = save_old(f"s3://{s3_bucket}/run/step-1", endpoint)
+    url = f"s3://{s3_bucket}/run/step-2"
+    stale = {"CKPTCLOUD_DCP_STALE_AFTER": str(STALE_AFTER_S)}
+    results, codes, _ = run_ranks(endpoint, url, "kill_rank1+handler", tmp_path, DEFAULT_PG_TIMEOUT_S, **stale)
+    assert codes[1] == -signal.SIGKILL, f"rank 1 was not killed: {codes}"
+    error = results[0].get("save_error", "")
+    assert error.startswith("RankFailedError: ") and "rank 1" in error and url in error, results[0]
+    assert results[0]["seconds"] < 10, results[0]
+    check_after_failure(store_of(endpoint, s3_bucket), endpoint, s3_bucket, old)
 
 
 # ------------------------------------------------------------------------------- b. the server is SIGKILLed
