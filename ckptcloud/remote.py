@@ -21,6 +21,7 @@ from ckptcloud import distributed, serialization
 from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
 from ckptcloud.contract import BaseSaveHandler, ObjectInfo, check_filename, is_valid_name
+from ckptcloud.deleting import delete_keys
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import RunConflictError
 from ckptcloud.retry import Retry
@@ -224,10 +225,7 @@ class RemoteSaver(BaseSaveHandler):
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = f"removing {len(keys)} checkpoint(s) under {self.url('')} ({shown})"
 
-        def delete() -> None:
-            self.retry.call(lambda: self.store.delete_many(keys), what)
-
-        distributed.run_on_rank(self.save_on_rank, delete, what)
+        distributed.run_on_rank(self.save_on_rank, lambda: delete_keys(self.store, keys, self.retry), what)
 
     # ------------------------------------------------------------------------------------- read and list
     @property

@@ -27,11 +27,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ckptcloud.deleting import delete_keys
 from ckptcloud.retry import Retry
 from ckptcloud.stores.base import IncompleteUpload, Store
 from ckptcloud.stores.local import TMP_DIR, LocalStore
 
-from .folder import delete_keys, list_folder, metadata_info, read_metadata
+from .folder import list_folder, metadata_info, read_metadata
 from .layout import DATA_SUFFIX, METADATA, files_of
 
 logger = logging.getLogger("ckptcloud")

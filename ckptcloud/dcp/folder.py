@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from ckptcloud.checksum import FAST, crc32c
 from ckptcloud.contract import ObjectInfo
+from ckptcloud.deleting import delete_keys
 from ckptcloud.download import fetch_ranges, read_range
 from ckptcloud.errors import IntegrityError
 from ckptcloud.retry import Retry
@@ -30,9 +31,6 @@ from ckptcloud.stores.base import Store
 from ckptcloud.streaming import Meter
 
 from .layout import CRC_KEY, METADATA, FileRecord, files_of, load_metadata
-
-DELETE_BATCH = 1000
-"""Keys per ``delete_many`` call (S3's ``DeleteObjects`` takes up to 1,000)."""
 
 
 def _key(prefix: str, name: str) -> str:
@@ -140,14 +138,6 @@ def list_folder(store: Store, prefix: str, retry: Retry | None = None) -> list[O
     base = prefix.rstrip("/") + "/"
     listed = (retry or Retry()).call(lambda: store.list(base), f"listing {store.url(base)}")
     return sorted(listed, key=lambda info: info.key)
-
-
-def delete_keys(store: Store, keys: list[str], retry: Retry | None = None) -> None:
-    """Delete ``keys`` in batches of :data:`DELETE_BATCH` (one request each on S3); missing keys are fine."""
-    retry = retry or Retry()
-    for start in range(0, len(keys), DELETE_BATCH):
-        batch = keys[start : start + DELETE_BATCH]
-        retry.call(lambda batch=batch: store.delete_many(batch), f"deleting {len(batch)} objects from {store.url('')}")
 
 
 def delete_folder(store: Store, prefix: str, retry: Retry | None = None) -> int:

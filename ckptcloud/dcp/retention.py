@@ -30,9 +30,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ckptcloud import distributed
 from ckptcloud.contract import BaseSaveHandler, ObjectInfo, check_filename, is_valid_name
+from ckptcloud.deleting import delete_keys
 from ckptcloud.remote import RemoteSaver, _object_metadata
 
-from .folder import delete_keys, list_folder
+from .folder import list_folder
 from .layout import METADATA
 
 

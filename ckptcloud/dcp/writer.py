@@ -39,12 +39,13 @@ from torch.futures import Future
 from ckptcloud import checksum, serialization
 from ckptcloud.checksum import crc32c, crc32c_combine
 from ckptcloud.contract import ObjectInfo
+from ckptcloud.deleting import delete_keys
 from ckptcloud.errors import CkptcloudError, RankFailedError, RemoteSaveError
 from ckptcloud.remote import RemoteSaver
 from ckptcloud.streaming import PartWriter, choose_part_size
 
 from .agreement import SaveAgreement, remote_error, require_numpy_across_ranks
-from .folder import delete_keys, list_folder, metadata_info
+from .folder import list_folder, metadata_info
 from .layout import (
     CRC_KEY,
     DCP_FORMAT_VERSION,

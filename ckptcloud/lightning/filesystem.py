@@ -14,6 +14,7 @@ from typing import IO, Any, ClassVar
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
+from ckptcloud.deleting import delete_keys
 from ckptcloud.download import download_to_file
 from ckptcloud.lightning.checkpoint_io import REMOTE_SCHEMES, _active_savers, _Savers
 from ckptcloud.remote import RemoteSaver
@@ -219,7 +220,7 @@ class ObjectStoreFileSystem(AbstractFileSystem):
             listed = self._call(saver, lambda: saver.store.list(under), f"listing {saver.store.url(under)}")
             keys += [info.key for info in listed]
         if keys:
-            self._call(saver, lambda: saver.store.delete_many(keys), f"removing {len(keys)} object(s) at {path}")
+            delete_keys(saver.store, keys, saver.retry)
 
     # ---------------------------------------------------------------------------------------------- open
     def _open(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,8 +16,6 @@ from ckptcloud.contract import ObjectInfo
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-DELETE_CONCURRENCY = 8
-"""Single deletes in flight at once in :meth:`Store.delete_many`'s default (GCS, Azure, local folders)."""
 
 
 @dataclass(frozen=True)
@@ -112,26 +109,13 @@ class Store(ABC):
         """Delete ``key``; a key that is already gone is not an error."""
 
     def delete_many(self, keys: list[str]) -> None:
-        """Delete every key in ``keys``; keys already gone are not errors.
+        """Delete every key in ``keys`` in as few requests as the store allows; keys already gone are not errors.
 
-        Stores with a batch delete (S3's ``DeleteObjects``, 1,000 keys per request) override this. The default
-        sends up to :data:`DELETE_CONCURRENCY` single deletes at once (adapters are thread-safe); the first failure
-        cancels the deletes not yet sent and is raised once those in flight have ended.
+        Stores with a batch delete (S3's ``DeleteObjects``, up to 1,000 keys) override this. The default deletes one
+        key at a time; :func:`ckptcloud.deleting.delete_keys` (the pipeline) sends those concurrently instead.
         """
-        keys = list(keys)
-        if len(keys) <= 1:
-            for key in keys:
-                self.delete(key)
-            return
-        with ThreadPoolExecutor(min(DELETE_CONCURRENCY, len(keys)), thread_name_prefix="ckptcloud-delete") as pool:
-            futures = [pool.submit(self.delete, key) for key in keys]
-            try:
-                for future in futures:
-                    future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+        for key in keys:
+            self.delete(key)
 
     @abstractmethod
     def list(self, prefix: str) -> list[ObjectInfo]:

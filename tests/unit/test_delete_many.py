@@ -1,5 +1,5 @@
-"""``Store.delete_many``'s default (GCS, Azure, local folders): single deletes sent concurrently, bounded, and the
-first failure stops the deletes not yet sent."""
+"""The pipeline's deletes (``ckptcloud.deleting.delete_keys``) for stores without a batch delete (GCS, Azure,
+local folders): single deletes sent concurrently, bounded, each retried, and the first failure stops the rest."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import time
 
 import pytest
 
-from ckptcloud.stores.base import DELETE_CONCURRENCY, Store
+from ckptcloud.deleting import DELETE_CONCURRENCY, delete_keys, has_batch_delete
+from ckptcloud.retry import Retry
+from ckptcloud.stores.base import Store
 from ckptcloud.stores.memory import MemoryStore
 
 
 class SlowDeletes(MemoryStore):
-    """A store whose single deletes take a while and count how many run at once; ``delete_many`` is the default."""
+    """A store without a batch delete whose single deletes take a while and count how many run at once."""
 
     delete_many = Store.delete_many
 
@@ -47,7 +49,7 @@ def test_many_deletes_run_concurrently_up_to_the_bound_and_every_key_goes():
     for key in keys:
         store.put(key, memoryview(b"x"), {})
     started = time.monotonic()
-    store.delete_many(keys)
+    delete_keys(store, keys)
     elapsed = time.monotonic() - started
     assert sorted(store.deleted) == keys and store.list("run/") == []
     assert 1 < store.most <= DELETE_CONCURRENCY
@@ -58,11 +60,38 @@ def test_the_first_failure_is_raised_and_stops_the_deletes_not_yet_sent():
     store = SlowDeletes(fail_on="run/k000")
     keys = [f"run/k{i:03d}" for i in range(200)]
     with pytest.raises(PermissionError, match="run/k000"):
-        store.delete_many(keys)
+        delete_keys(store, keys)
     assert len(store.deleted) < len(keys) - 1  # the rest was cancelled, not sent
 
 
 def test_one_key_is_one_plain_delete():
     store = SlowDeletes()
-    store.delete_many(["run/absent.pt"])  # a key already gone is not an error
+    delete_keys(store, ["run/absent.pt"])  # a key already gone is not an error
     assert store.most == 1
+
+
+def test_a_transient_failure_of_one_delete_is_retried_alone():
+    store = SlowDeletes()
+    failures = {"run/k003": 1}
+    delete = store.delete
+
+    def flaky(key: str) -> None:
+        if failures.get(key):
+            failures[key] -= 1
+            raise ConnectionResetError("reset by peer")
+        delete(key)
+
+    store.delete = flaky  # type: ignore[method-assign]
+    keys = [f"run/k{i:03d}" for i in range(10)]
+    delete_keys(store, keys, Retry(initial_backoff=0.001))
+    assert sorted(store.deleted) == keys
+
+
+def test_stores_with_a_batch_delete_get_batches_and_the_others_single_deletes():
+    from ckptcloud.stores.memory import MemoryStore
+
+    assert has_batch_delete(MemoryStore("b")) and not has_batch_delete(SlowDeletes())
+    store = MemoryStore("b")
+    keys = [f"run/{i}.pt" for i in range(2500)]
+    delete_keys(store, keys)
+    assert [r for r in store.requests if r == "delete_many"] == ["delete_many"] * 3  # 1,000 + 1,000 + 500
