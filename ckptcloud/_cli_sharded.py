@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ckptcloud._inventory import sharded_rows
+from ckptcloud._inventory import human_size, sharded_rows
 from ckptcloud.dcp.folder import delete_folder, is_committed, list_folder, verify_folder
 from ckptcloud.dcp.retention import list_sharded
 from ckptcloud.dcp.target import Target
@@ -34,15 +34,6 @@ class FolderError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _human(n: float) -> str:
-    """``n`` bytes as ``B``, ``KiB`` ... (the main command's format)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def store_of(saver: Any) -> tuple[Store, str, Retry]:
@@ -131,7 +122,7 @@ def verify(url: str) -> None:
     what = "size and CRC32C" if not unchecked else f"size (no CRC32C recorded for {len(unchecked)} of them)"
     size = sum(r.size for r in records)
     elapsed = time.monotonic() - start
-    print(f"{shown}: {len(records)} data file(s), {_human(size)}, every file's {what} verified ({elapsed:.1f} s)")
+    print(f"{shown}: {len(records)} data file(s), {human_size(size)}, every file's {what} verified ({elapsed:.1f} s)")
 
 
 def remove(url: str, confirm: Any) -> None:
@@ -142,7 +133,8 @@ def remove(url: str, confirm: Any) -> None:
     if not infos:
         raise FileNotFoundError(f"no sharded checkpoint at {shown}: nothing is stored under it")
     state = "committed" if is_committed(target.store, target.prefix, target.retry) else "incomplete"
-    confirm(f"delete the {state} sharded checkpoint {shown} ({len(infos)} files, {_human(sum(i.size for i in infos))})")
+    size = human_size(sum(i.size for i in infos))
+    confirm(f"delete the {state} sharded checkpoint {shown} ({len(infos)} files, {size})")
     _delete_folder(target.store, target.prefix, target.retry)
     print(f"deleted {shown} ({len(infos)} files)")
 
@@ -172,7 +164,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         fields += ["files", "status"]
     cells = [fields]
     for r in rows:
-        line = [r["name"], *("" if r[k] is None else str(r[k]) for k in ("step", "score")), _human(r["size"])]
+        line = [r["name"], *("" if r[k] is None else str(r[k]) for k in ("step", "score")), human_size(r["size"])]
         line.append(r["time"] or "")
         if len(fields) > 5:
             line += [str(r["files"]), r["status"]]
@@ -189,7 +181,8 @@ def convert(src: str, dst: str, *, src_is_folder: bool, batch_mib: int) -> None:
     start = time.monotonic()
     if src_is_folder:
         done = conversion.sharded_to_file(src.rstrip("/"), dst, batch_bytes=batch_mib * 1024 * 1024)
-        what = f"one file ({_human(done.size or 0)}); at most {_human(done.peak_batch_bytes)} of tensors held at once"
+        held = human_size(done.peak_batch_bytes)
+        what = f"one file ({human_size(done.size or 0)}); at most {held} of tensors held at once"
     else:
         done = conversion.file_to_sharded(src, dst)
         what = "a sharded checkpoint (committed)"

@@ -168,3 +168,17 @@ def sharded_rows(
         if with_saved_at:
             rows[-1]["saved_at"] = _saved_at(meta, mtime or None) if marker is not None else None
     return rows
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes as ``B``, ``KiB``, ``MiB``, ``GiB`` or ``TiB``, as the command line prints sizes.
+
+    Example:
+        >>> human_size(1536), human_size(12)
+        ('1.5 KiB', '12 B')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

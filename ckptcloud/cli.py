@@ -25,7 +25,7 @@ import torch
 
 from ckptcloud import _cli_sharded as sharded
 from ckptcloud import serialization
-from ckptcloud._inventory import listing_rows
+from ckptcloud._inventory import human_size, listing_rows
 from ckptcloud._tree import tree_leaves
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import CkptcloudError, IntegrityError
@@ -154,14 +154,6 @@ def _integrity(file: IO[bytes], name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ listing, ranking
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _confirm(question: str, yes: bool) -> None:
     if yes:
         return
@@ -214,7 +206,7 @@ def _get(args: argparse.Namespace) -> None:
         size, check = atomic_write(dest, lambda f: (_download(saver, name, f, bar), _integrity(f, args.url)))
     except IntegrityError as err:
         raise CliError(1, f"{err}; {dest} was not written") from err
-    print(f"{args.url} -> {dest} ({_human(size)}, {time.monotonic() - start:.1f} s): {check}")
+    print(f"{args.url} -> {dest} ({human_size(size)}, {time.monotonic() - start:.1f} s): {check}")
 
 
 def _get_to_stdout(args: argparse.Namespace) -> None:
@@ -237,7 +229,7 @@ def _get_to_stdout(args: argparse.Namespace) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise CliError(1, f"stdout was closed before all of {args.url} was written to it") from err
     elapsed = time.monotonic() - start
-    print(f"{args.url} -> stdout ({_human(size)}, {elapsed:.1f} s): {check}", file=sys.stderr)
+    print(f"{args.url} -> stdout ({human_size(size)}, {elapsed:.1f} s): {check}", file=sys.stderr)
 
 
 def _put(args: argparse.Namespace) -> None:
@@ -251,7 +243,7 @@ def _put(args: argparse.Namespace) -> None:
     bar = _Bar("put", args.quiet)
     _upload(saver, name, src, bar)
     bar.close()
-    print(f"{src} -> {url} ({_human(src.stat().st_size)}, {time.monotonic() - start:.1f} s): {check}")
+    print(f"{src} -> {url} ({human_size(src.stat().st_size)}, {time.monotonic() - start:.1f} s): {check}")
 
 
 def _rm(args: argparse.Namespace) -> None:
@@ -363,7 +355,7 @@ def _verify(args: argparse.Namespace) -> None:
         except Exception as err:
             raise CliError(1, f"load refused: {err}" if url in str(err) else f"{url}: load refused: {err}") from err
     tensors = [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
-    print(f"{url}: loads with weights_only=True ({len(tensors)} tensors, {_human(sum(t.nbytes for t in tensors))})")
+    print(f"{url}: loads with weights_only=True ({len(tensors)} tensors, {human_size(sum(t.nbytes for t in tensors))})")
 
 
 def _convert(args: argparse.Namespace) -> None:
