@@ -25,10 +25,10 @@ what the loopback server can take on 2 cores, ~150 MB/s).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
 
-from benchmarks import cases, report
+from benchmarks import cases, report, stats
 
 MiB = 1024 * 1024
 CASES = Path(__file__).with_name("cases.py")
@@ -100,20 +100,19 @@ class Runner:
         result["server_cpu"] = None if server_before is None else server_after - server_before  # type: ignore[operator]
         return result
 
-    def both(self, method: str, size: int, concurrency: int = 8, tag: str = "") -> dict:
-        """Save then load, ``--repeat`` times; the median of each field."""
-        runs = []
-        for _ in range(self.args.repeat):
-            save = self.measure(method, size, "save", concurrency, tag)
-            load = self.measure(method, size, "load", concurrency, tag)
-            runs.append({"save": save, "load": load})
-            if method != "local":
-                self.delete(f"bench/{method}-{tag}{size}.pt")
-        return {phase: _median([r[phase] for r in runs]) for phase in ("save", "load")}
+    def round(self, method: str, size: int, concurrency: int = 8, tag: str = "") -> dict:
+        """One round of one case: save, then load, then delete the object (untimed)."""
+        save = self.measure(method, size, "save", concurrency, tag)
+        load = self.measure(method, size, "load", concurrency, tag)
+        if method != "local":
+            self.delete(f"bench/{method}-{tag}{size}.pt")
+        return {"save": save, "load": load}
 
 
-def _median(runs: list[dict]) -> dict:
-    return {k: (statistics.median(r[k] for r in runs) if runs[0][k] is not None else None) for k in runs[0]}
+def summarize(runs: list[dict]) -> dict:
+    """Per-round results of one case -> ``{"save": medians, "load": medians, "runs": runs}``."""
+    return {"save": stats.medians([r["save"] for r in runs]), "load": stats.medians([r["load"] for r in runs]),
+            "runs": runs}  # fmt: skip
 
 
 def start_server(store: str, endpoint: str | None) -> tuple:
@@ -135,26 +134,31 @@ def start_server(store: str, endpoint: str | None) -> tuple:
 def run_store(store: str, args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES[store]
     methods = [m for m in (args.methods.split(",") if args.methods else METHODS[store]) if m in METHODS[store]]
+    if "s3torchconnector" in methods and importlib.util.find_spec("s3torchconnector") is None:
+        print(f"  {store}: s3torchconnector skipped (not installed: the bench extra has it)")
+        methods.remove("s3torchconnector")
     if "fsspec" in methods and not args.fsspec_python:
         print(f"  {store}: fsspec skipped (pass --fsspec-python; scripts/bench.sh makes .venv-fsspec)")
         methods.remove("fsspec")
     server, endpoint = start_server(store, args.endpoint)
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    rows: dict = {}
+    samples: dict = {(m, s): [] for s in sizes for m in methods}
     try:
         runner = Runner(store, endpoint, bucket, args, server.process.pid if server else None)
         runner.create_bucket()
         runner.measure("naive", 16, "save")  # untimed warm-up: SeaweedFS makes its volumes on the first write
-        for size in sizes:
-            for method in methods:
-                rows[(method, size)] = r = runner.both(method, size)
-                print(f"  {store:>5} {method:>16} {size:>5} MiB  save {r['save']['s']:6.2f} s "
-                      f"(peak +{r['save']['extra'] / MiB:5.0f} MiB, cpu {r['save']['cpu']:5.2f} s)  "
-                      f"load {r['load']['s']:6.2f} s (peak +{r['load']['extra'] / MiB:5.0f} MiB)",
-                      flush=True)  # fmt: skip
+        for index in range(args.rounds):  # interleaved: every case once per round, the order rotated
+            for size in sizes:
+                for method in stats.rotated(methods, index):
+                    samples[(method, size)].append(r := runner.round(method, size))
+                    print(f"  {store:>5} r{index + 1} {method:>16} {size:>5} MiB  save {r['save']['s']:6.2f} s "
+                          f"(peak +{r['save']['extra'] / MiB:5.0f} MiB, cpu {r['save']['cpu']:5.2f} s)  "
+                          f"load {r['load']['s']:6.2f} s (peak +{r['load']['extra'] / MiB:5.0f} MiB)",
+                          flush=True)  # fmt: skip
     finally:
         if server is not None:
             server.stop()
+    rows = {case: summarize(runs) for case, runs in samples.items()}
     return {"sizes": sizes, "methods": methods, "rows": rows}
 
 
@@ -171,29 +175,39 @@ def run_wan(args: argparse.Namespace) -> dict:
             runner.measure("naive", 16, "save")  # untimed warm-up, as in run_store
             cases = [("naive", "naive", 1), ("s3torchconnector", "s3torchconnector", 8)]
             cases += [(f"ckptcloud c={c}", "ckptcloud", c) for c in (1, 4, 8, 16)]
-            for label, method, concurrency in cases:
-                results[label] = r = runner.both(method, args.wan_size, concurrency, tag=f"c{concurrency}-")
-                mb = args.wan_size * MiB / 1e6
-                print(f"    wan {label:>16} save {mb / r['save']['s']:5.0f} MB/s  load {mb / r['load']['s']:5.0f} MB/s",
-                      flush=True)  # fmt: skip
+            samples: dict = {label: [] for label, _, _ in cases}
+            for index in range(args.rounds):
+                for label, method, concurrency in stats.rotated(cases, index):
+                    r = runner.round(method, args.wan_size, concurrency, tag=f"c{concurrency}-")
+                    samples[label].append(r)
+                    mb = args.wan_size * MiB / 1e6
+                    print(f"    wan r{index + 1} {label:>16} save {mb / r['save']['s']:5.0f} MB/s  "
+                          f"load {mb / r['load']['s']:5.0f} MB/s", flush=True)  # fmt: skip
+            results = {label: summarize(runs) for label, runs in samples.items()}
     finally:
         server.stop()
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stores", default="s3,gcs,azure,wan", help="comma-separated: s3, gcs, azure, wan")
     parser.add_argument("--sizes", help="checkpoint sizes in MiB for every store (default: per store)")
     parser.add_argument("--methods", help="comma-separated subset of the methods")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median is reported")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians and min-max are reported")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: S3 only, 64 MiB, one round (not for the README)")  # fmt: skip
     parser.add_argument("--endpoint", help="your server instead of an emulator (S3/GCS: URL; Azure: connection string)")
     parser.add_argument("--fsspec-python", help="python of an environment with s3fs, gcsfs, adlfs and torch")
     parser.add_argument("--wan-size", type=int, default=256, help="MiB per WAN case")
     parser.add_argument("--wan-latency", type=float, default=0.025, help="seconds added to each request")
     parser.add_argument("--wan-bandwidth", type=float, default=10e6, help="bytes/s per connection per direction")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for tables and plot")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds should be at least 1, got {args.rounds}")
+    if args.quick:
+        args.stores, args.sizes, args.rounds = "s3", args.sizes or "64", 1
     for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
                         ("AWS_DEFAULT_REGION", "us-east-1")):  # fmt: skip
         os.environ.setdefault(name, value)
@@ -209,7 +223,8 @@ def main() -> int:
     from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE
 
     lines = [f"Measured {stamp} on {machine}; every case a fresh process, same emulator per store, "
-             f"{args.repeat} run(s) per case (median); the whole run took {minutes:.1f} min.", ""]  # fmt: skip
+             f"{args.rounds} interleaved round(s) per case: median (min-max), a ratio marked (noise) when the "
+             f"ranges overlap; the whole run took {minutes:.1f} min.", ""]  # fmt: skip
     for store, r in results.items():
         lines += [f"### {store}: {LABELS[store] if not args.endpoint else args.endpoint}", "",
                   report.store_table(r["rows"], r["sizes"], r["methods"]), ""]  # fmt: skip
