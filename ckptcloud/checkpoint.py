@@ -125,8 +125,6 @@ class Checkpoint(Sharded, Naming, Resume, Loading, Retention):
 
         if not isinstance(sharded, bool):
             raise TypeError(f"Argument `sharded` should be a bool, but given {type(sharded)}")
-        if sharded and include_self:
-            raise NotImplementedError("sharded=True does not support include_self=True yet: use resume=True")
 
         self.to_save = to_save
         self.filename_prefix = filename_prefix

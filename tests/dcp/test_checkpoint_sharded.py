@@ -232,10 +232,25 @@ def test_same_name_is_not_saved_twice_and_a_committed_folder_is_never_replaced()
         assert ckpt.save(global_step=1) is None
 
 
-def test_sharded_refuses_include_self_and_handlers_that_cannot_hold_folders(tmp_path):
+def test_include_self_stores_the_kept_list_in_each_folder_and_load_objects_restores_it():
+    store, trainer = MemoryStore("bucket", min_part_size=1024), Trainer()
+    ckpt = train_and_save(store, trainer, include_self=True)
+    assert ckpt.last_checkpoint == "checkpoint_2_acc=0.9000"
+    other = Checkpoint({"model": trainer.model}, RemoteSaver(MemoryStore("other"), "runs"), sharded=True, n_saved=2)
+    assert other.state_dict()["_saved"] == []
+    ckpt.load_objects({"checkpointer": other, "model": trainer.model}, "checkpoint_2_acc=0.9000")
+    # the state right after step 2 was saved: steps 1 and 2 kept then (ignite's include_self semantics)
+    assert [tuple(item) for item in other.state_dict()["_saved"]] == [
+        (0.5, "checkpoint_1_acc=0.5000"),
+        (0.9, "checkpoint_2_acc=0.9000"),
+    ]
+    assert tensors_equal(trainer.model.state_dict(), trainer.states[2]["model"])
+    with pytest.raises(ValueError, match="checkpointer"):
+        Checkpoint({"checkpointer": trainer.model}, RemoteSaver(MemoryStore(), "x"), sharded=True, include_self=True)
+
+
+def test_sharded_refuses_handlers_that_cannot_hold_folders(tmp_path):
     model = torch.nn.Linear(2, 1)
-    with pytest.raises(NotImplementedError, match="include_self"):
-        Checkpoint({"model": model}, tmp_path, sharded=True, include_self=True)
     with pytest.raises(TypeError, match="save_handler"):
         Checkpoint({"model": model}, lambda checkpoint, filename: None, sharded=True)
     with pytest.raises(TypeError, match="sharded"):
