@@ -33,6 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
 
+from benchmarks.stats import Spread, rotated
+
 CASES = ("memcpy", "fresh", "pool")
 MiB = 1024 * 1024
 
@@ -131,8 +133,42 @@ def run_case(case: str, mib: int, tensor_mib: int, saves: int, threads: int) -> 
     return result
 
 
-def _spread(values: list[float], digits: int = 3) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+def table(runs: list[dict[str, Any]], tensor_mib: int, threads: int) -> str:
+    """Markdown: one line per case (median and min-max over rounds), then the issue's two checks."""
+    by_case = {case: [r for r in runs if r["case"] == case] for case in CASES}
+    floor = {r["round"]: r["steady_s"] for r in by_case["memcpy"]}
+    first = runs[0]
+    lines = [
+        f"State {first['state_mib']:.0f} MiB (largest tensors {tensor_mib} MiB), {first['saves']} consecutive saves "
+        f"per case, {len({r['round'] for r in runs})} interleaved rounds, {threads} torch thread(s): median (min-max).",
+        "",
+        "| case | first save s | steady s per save | steady s/GiB | x memcpy | peak extra MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, rs in by_case.items():
+        if not rs:
+            continue
+        ratio = Spread.of(r["steady_s"] / floor[r["round"]] for r in rs)
+        first_s, steady_s = Spread.of(r["first_s"] for r in rs), Spread.of(r["steady_s"] for r in rs)
+        lines.append(
+            f"| {case} | {first_s.show(3)} | {steady_s.show(3)} "
+            f"| {Spread.of(r['steady_s_per_gib'] for r in rs).show(3)} | {ratio.show(2)} "
+            f"| {Spread.of(r['peak_extra_mib'] for r in rs).show(0)} |"
+        )
+    pool = by_case["pool"]
+    if pool and floor:
+        ratio = Spread.of(r["steady_s"] / floor[r["round"]] for r in pool)
+        bound = first["state_mib"] + pool[0]["pipeline_mib"]
+        peak = Spread.of(r["peak_extra_mib"] for r in pool)
+        lines += [
+            "",
+            f"- blocking per save after the first ≤ 1.5x memcpy: {ratio.show(2)} x: "
+            f"{'yes' if ratio.median <= 1.5 else '**no**'}",
+            f"- peak extra over {first['saves']} saves ≤ one snapshot + pipeline ({first['state_mib']:.0f} + "
+            f"{pool[0]['pipeline_mib']:.0f} = {bound:.0f} MiB): {peak.show(0)} MiB: "
+            f"{'yes' if peak.hi <= bound else '**no**'}",
+        ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,16 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: stable timings on a shared, loaded machine)"
     )
-    parser.add_argument("--out", type=Path, help="write the raw results here (JSON)")
+    parser.add_argument("--quick", action="store_true", help="64 MiB, 3 saves, one round (a smoke run)")
+    parser.add_argument("--out", type=Path, help="folder for async.md (the table) and async.json (every round)")
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # one case, in this process
     args = parser.parse_args(argv)
+    if args.quick:
+        args.mib, args.saves, args.rounds = 64, 3, 1
     if args.case:
         print(json.dumps(run_case(args.case, args.mib, args.tensor_mib, args.saves, args.threads)))
         return 0
     runs: list[dict[str, Any]] = []
     for round_ in range(args.rounds):
-        order = CASES[round_ % len(CASES) :] + CASES[: round_ % len(CASES)]  # rotate who goes first
-        for case in order:
+        for case in rotated(CASES, round_):
             cmd = [sys.executable, __file__, "--case", case, "--mib", str(args.mib), "--saves", str(args.saves)]
             cmd += ["--threads", str(args.threads), "--tensor-mib", str(args.tensor_mib)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -166,25 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"({run['steady_s_per_gib']:.3f} s/GiB)  peak +{run['peak_extra_mib']:.0f} MiB",
                 flush=True,
             )
-    by_case = {case: [r for r in runs if r["case"] == case] for case in CASES}
-    floor = {r["round"]: r["steady_s"] for r in by_case["memcpy"]}
-    print(
-        f"\nstate {runs[0]['state_mib']:.0f} MiB (largest tensors {args.tensor_mib} MiB), {args.saves} saves, "
-        f"{args.rounds} rounds, {args.threads} torch "
-        "thread(s): median (min-max)"
-    )
-    print("case    first save s   steady s/save  steady s/GiB   x memcpy       peak RSS +MiB")
-    for case, rs in by_case.items():
-        ratios = [r["steady_s"] / floor[r["round"]] for r in rs]
-        print(
-            f"{case:7s} {_spread([r['first_s'] for r in rs])}  {_spread([r['steady_s'] for r in rs])}  "
-            f"{_spread([r['steady_s_per_gib'] for r in rs])}  {_spread(ratios, 2)}  "
-            f"{_spread([r['peak_extra_mib'] for r in rs], 0)}"
-        )
-    if by_case["pool"]:
-        print(f"pipeline bound (max_concurrency + 1) x part_size = {by_case['pool'][0]['pipeline_mib']:.0f} MiB")
+    text = table(runs, args.tensor_mib, args.threads)
+    print("\n" + text)
     if args.out:
-        args.out.write_text(json.dumps(runs, indent=1) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "async.md").write_text(text + "\n")
+        (args.out / "async.json").write_text(json.dumps(runs, indent=1) + "\n")
     return 0
 
 
