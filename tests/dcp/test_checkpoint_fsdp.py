@@ -1,8 +1,11 @@
 """A real FSDP2 model (``fully_shard`` on CPU, gloo, world 2) with Adam, checkpointed by
-``Checkpoint(..., sharded=True, n_saved=2, score_name=...)`` to S3 (moto), resumed into world 1 bit-identically.
+``Checkpoint(..., sharded=True, n_saved=2, score_name=...)`` to S3 (moto) with async saves, resumed into world 1
+bit-identically; and resumed into world 2 again, where training and retention go on.
 
 Each rank saves only its shards of the parameters and of Adam's state; exactly ``n_saved`` committed folders
-remain; one process then rebuilds the kept list from S3 and loads whole tensors (DCP reshards).
+remain; one process then rebuilds the kept list from S3 and loads whole tensors (DCP reshards). The ranks, the
+:class:`StoreSpec` they build their saver from, and the checks are shared with ``test_checkpoint_fsdp_clouds.py``
+(blocking saves at world 2 and 4 on SeaweedFS, fake-gcs-server and Azurite).
 """
 
 from __future__ import annotations
@@ -193,13 +196,17 @@ def run_ranks(world: int, spec: StoreSpec, tmp_path: Path, scenario: str = "trai
 KEPT = [[0.7, "checkpoint_3_acc=0.7000"], [0.9, "checkpoint_2_acc=0.9000"]]  # the best two of SCORES, by score
 
 
-def check_trained(results: list[dict], world: int, folders: set[str], data_files: int) -> None:
+def check_trained(results: list[dict], world: int, folders: dict[str, list[str]]) -> None:
     """What a ``train`` run must leave: every rank held 1/world of each parameter and follows the writer's kept
-    list; the store holds exactly those ``n_saved`` folders; a kept one holds one data file per rank."""
+    list; the store holds exactly those ``n_saved`` folders (``folders``: :func:`folder_census`), each committed
+    and holding one data file per rank and nothing else (no leftover parts)."""
     assert all(r["sharded"] for r in results)  # each rank held 1/world of every parameter
     assert [r["kept"] for r in results] == [KEPT] * world  # every rank follows the writer's decision
-    assert folders == {name for _, name in KEPT}  # exactly n_saved folders: step 1's is gone whole
-    assert data_files == world  # one file per rank
+    assert set(folders) == {name for _, name in KEPT}  # exactly n_saved folders: step 1's is gone whole
+    for name, files in folders.items():
+        data = sorted(file.split("_")[2] for file in files if file.endswith(".distcp"))
+        assert data == [str(rank) for rank in range(world)], f"{name}: {files}"  # one data file per rank
+        assert len(files) == world + 1 and ".metadata" in files, f"{name}: {files}"  # committed, nothing else
 
 
 def check_resumes_into_world_1(spec: StoreSpec, tmp_path: Path) -> None:
@@ -218,27 +225,29 @@ def check_resumes_into_world_1(spec: StoreSpec, tmp_path: Path) -> None:
         assert tensors_equal(full_state(model, optimizer), full[step]), f"step {step} differs"
 
 
-def s3_folders(client: object, bucket: str, folder: str = "checkpoint_2_acc=0.9000") -> tuple[set[str], int]:
-    """The folders under ``fsdp/`` (S3 listing), and how many ``.distcp`` files ``folder`` holds."""
+def s3_folders(client: object, bucket: str) -> dict[str, list[str]]:
+    """:func:`folder_census` of an S3 bucket, listed with ``client``."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="fsdp/")  # type: ignore[attr-defined]
-    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-    return folder_census(keys, folder)
+    return folder_census([o["Key"] for page in pages for o in page.get("Contents", [])])
 
 
-def folder_census(keys: list[str], folder: str = "checkpoint_2_acc=0.9000") -> tuple[set[str], int]:
-    """The folders directly under ``fsdp/`` among ``keys``, and how many ``.distcp`` files ``folder`` holds."""
-    folders = {key.split("/")[1] for key in keys}
-    data = [key for key in keys if key.startswith(f"fsdp/{folder}/") and key.endswith(".distcp")]
-    return folders, len(data)
+def folder_census(keys: list[str]) -> dict[str, list[str]]:
+    """``{folder directly under fsdp/: the names of its files}`` among ``keys`` (a listing of the store)."""
+    folders: dict[str, list[str]] = {}
+    for key in keys:
+        _, folder, file = key.split("/", 2)
+        folders.setdefault(folder, []).append(file)
+    return folders
 
 
-@pytest.mark.parametrize("scenario", ["train", "async"])
-def test_fsdp2_world_2_sharded_checkpoints_keep_n_saved_and_resume_into_world_1_bit_identically(
-    s3_endpoint, s3_bucket, s3_client, tmp_path, scenario
+def test_fsdp2_world_2_async_sharded_checkpoints_keep_n_saved_and_resume_into_world_1_bit_identically(
+    s3_endpoint, s3_bucket, s3_client, tmp_path
 ):
+    """``async_save=True``; the same with blocking saves, at world 2 and 4 on each store, is in
+    ``test_checkpoint_fsdp_clouds.py``."""
     spec = StoreSpec("s3", s3_endpoint.url, s3_bucket)
-    results = run_ranks(2, spec, tmp_path, scenario)
-    check_trained(results, 2, *s3_folders(s3_client, s3_bucket))
+    results = run_ranks(2, spec, tmp_path, "async")
+    check_trained(results, 2, s3_folders(s3_client, s3_bucket))
     check_resumes_into_world_1(spec, tmp_path)
 
 
@@ -252,4 +261,4 @@ def test_fsdp2_world_2_resumes_its_own_sharded_checkpoints_bit_identically_and_r
     assert results[0]["equal"]  # every rank's shards of the model and of Adam's state, as saved
     after = [[0.9, "checkpoint_2_acc=0.9000"], [0.95, "checkpoint_4_acc=0.9500"]]
     assert [r["kept"] for r in results] == [after, after]
-    assert s3_folders(s3_client, s3_bucket)[0] == {name for _, name in after}
+    assert set(s3_folders(s3_client, s3_bucket)) == {name for _, name in after}
