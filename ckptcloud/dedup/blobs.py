@@ -3,10 +3,11 @@
 Layout: ``<prefix>/.blobs/<blake3 hex>``; a fresh copy of a blob whose first copy is too old to reuse goes to
 ``<prefix>/.blobs/<blake3 hex>.<unique suffix>``. Blobs are written with a conditional create and never replaced.
 
-Freshness: a blob may be referenced by a new manifest only while its *birth* (the store's last-modified time from a
-listing or HEAD, or, for a blob this process uploads, the local time before the upload request was sent) is less
-than ``grace / 2`` old, checked again just before the manifest is committed. GC deletes only blobs older than
-``grace``. See :mod:`ckptcloud.dedup.gc` for why that makes collection safe.
+Freshness: a saver reuses a stored blob only while its *birth* (the store's last-modified time from a listing or
+HEAD, or, for a blob this process uploaded, the local time before the upload request was sent) is less than
+``REUSE_FRACTION * grace`` old, and commits a manifest only if every blob it references is less than
+``COMMIT_FRACTION * grace`` old just before the commit. GC deletes only unreferenced blobs older than ``grace``.
+See :mod:`ckptcloud.dedup.gc` for why that makes collection safe.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from ckptcloud.stores.base import ObjectInfo
 
 BLOB_FOLDER = ".blobs"
 DEFAULT_GRACE = 6 * 3600.0
-"""Seconds an unreferenced blob is kept before GC may delete it (and twice the age up to which one is reused)."""
+"""Seconds an unreferenced blob is kept before GC may delete it."""
+REUSE_FRACTION = 0.5
+"""A blob is reused while younger than this fraction of the grace (3 h by default), else stored again."""
+COMMIT_FRACTION = 0.75
+"""A manifest is committed only while each blob it references is younger than this fraction of the grace."""
 
 
 def check_grace(grace: object, argument: str = "dedup_grace") -> float:
@@ -86,11 +91,12 @@ class BlobIndex:
                 del self._blobs[digest]
 
     def reusable(self, digest: str, now: float | None = None) -> Blob | None:
-        """The copy of ``digest`` that a new manifest may reference now: born less than ``grace / 2`` ago."""
+        """The copy of ``digest`` that a new manifest may reference now: born less than ``REUSE_FRACTION * grace``
+        ago."""
         now = time.time() if now is None else now
         with self._lock:
             blob = self._blobs.get(digest)
-        return blob if blob is not None and now - blob.birth < self.grace / 2 else None
+        return blob if blob is not None and now - blob.birth < REUSE_FRACTION * self.grace else None
 
     def add_listing(self, listed: list[ObjectInfo], folder: str) -> None:
         """Record every blob of a listing of ``folder``; objects without a last-modified time are not reused."""

@@ -4,17 +4,21 @@ Rule: GC (1) notes the time ``t0`` and lists ``.blobs/``, (2) then lists the che
 prefix) and reads every manifest among them, (3) deletes each listed blob that no manifest references and whose
 last-modified time is older than ``t0 - grace``. A manifest it cannot read or parse stops GC (nothing deleted).
 
-Why a concurrent save loses nothing (with ε: the clock skew between the saver, GC and the store, plus the time one
-manifest commit request can take, assumed below ``grace / 2``). A saver references a blob only if the blob's birth
-``b`` (the store's last-modified time, or the saver's clock just before it uploaded the blob, which is earlier) is
-less than ``grace / 2`` before the manifest's commit starts (:func:`ckptcloud.dedup.save.check_fresh`); so a manifest
-committed at ``t_c`` has ``t_c < b + grace / 2 + ε`` for each blob it references. Suppose GC deleted a blob that a
-manifest references. GC saw the blob with ``lm < t0 - grace``, and ``b <= lm`` up to skew, so
-``t_c < t0 - grace / 2 + ε < t0``: the manifest was committed before GC started listing, so the checkpoint listing
-(strongly consistent on S3, GCS and Azure) showed it and GC read its references. Contradiction. Blobs are never
-overwritten (conditional create), so "the blob GC saw" is the blob the manifest references. A blob stored after
-``t0`` is not in GC's listing at all. Reuse of an *old* blob is refused (a fresh copy is stored under a new name),
-which is what bounds ``t_c`` above.
+Why a concurrent save loses nothing. Times are the store's clock unless said otherwise. Let ``s`` bound the saver's
+clock error, ``g`` GC's, ``d`` the store's timestamp granularity (listings truncate to 1 s on S3) and ``T`` the time
+one manifest commit request takes, and assume ``ε = 2s + g + d + T < grace / 4`` (default grace 6 h: 1.5 h).
+
+* Saver: it references a blob only if the blob's birth ``b`` is less than ``3/4 * grace`` before it sends the
+  manifest (:func:`ckptcloud.dedup.save.check_fresh`). ``b`` is the listed/HEAD last-modified time (at most the
+  true one, ``lm``) or, for its own upload, its clock just before the request (at most ``lm + s``). So a manifest
+  becomes visible at ``t_c < lm + 3/4 * grace + 2s + T``.
+* GC: it deletes a blob only if its clock at ``t0`` (before it lists blobs) minus the listed time exceeds ``grace``,
+  so ``lm < t0 - grace + g + d``.
+* Together: ``t_c < t0 - grace / 4 + ε < t0``. The manifest was visible before GC began listing, so GC's later
+  checkpoint listing (strongly consistent on S3, GCS and Azure) showed it, GC read its references and kept the
+  blob: a contradiction. Blobs are never overwritten (conditional create), so the blob GC listed is the one the
+  manifest references; a blob stored after ``t0`` is not in GC's listing at all. The bound on ``t_c`` exists because
+  a blob older than ``grace / 2`` is never reused: a fresh copy is stored under a new name instead.
 
 Every writer and GC of a prefix must use the same grace (or GC a larger one).
 """

@@ -11,7 +11,7 @@ import torch
 
 from ckptcloud import serialization
 from ckptcloud.dedup import manifest
-from ckptcloud.dedup.blobs import BlobIndex, blob_folder
+from ckptcloud.dedup.blobs import COMMIT_FRACTION, BlobIndex, blob_folder
 from ckptcloud.dedup.writer import BlobWriter
 from ckptcloud.errors import RemoteSaveError
 from ckptcloud.streaming import PartWriter
@@ -48,15 +48,19 @@ def tensor_names(obj: Any, path: str = "") -> dict[int, str]:
 
 
 def check_fresh(births: Mapping[str, float], grace: float, url: str) -> None:
-    """Refuse to commit a manifest that references a blob born ``grace / 2`` or more ago (GC may take it soon)."""
+    """Refuse to commit a manifest that references a blob born ``COMMIT_FRACTION * grace`` or more ago.
+
+    Blobs are reused only while younger than ``REUSE_FRACTION * grace`` (:mod:`.blobs`): a save has the difference
+    (a quarter of the grace) to commit; the last quarter is the safety margin of :mod:`.gc`.
+    """
     if not births:
         return
     oldest_name, oldest = min(births.items(), key=lambda item: item[1])
     age = time.time() - oldest
-    if age >= grace / 2:
+    if age >= COMMIT_FRACTION * grace:
         raise RemoteSaveError(
             f"not committing {url}: blob {oldest_name} it references was stored {age:.0f} s ago, more than "
-            f"dedup_grace / 2 = {grace / 2:.0f} s, so a concurrent GC could delete it; the save took too long for "
+            f"{COMMIT_FRACTION} * dedup_grace = {COMMIT_FRACTION * grace:.0f} s, so a concurrent GC could delete it; the save took too long for "
             "this grace: raise `dedup_grace`. Nothing was committed; the next GC removes the unreferenced blobs"
         )
 
