@@ -60,8 +60,9 @@ def check_fresh(births: Mapping[str, float], grace: float, url: str) -> None:
     if age >= COMMIT_FRACTION * grace:
         raise RemoteSaveError(
             f"not committing {url}: blob {oldest_name} it references was stored {age:.0f} s ago, more than "
-            f"{COMMIT_FRACTION} * dedup_grace = {COMMIT_FRACTION * grace:.0f} s, so a concurrent GC could delete it; the save took too long for "
-            "this grace: raise `dedup_grace`. Nothing was committed; the next GC removes the unreferenced blobs"
+            f"{COMMIT_FRACTION} * dedup_grace = {COMMIT_FRACTION * grace:.0f} s, so a concurrent GC could delete it: "
+            "the save took too long for this grace; raise `dedup_grace`. Nothing was committed; the next GC "
+            "removes the unreferenced blobs"
         )
 
 
