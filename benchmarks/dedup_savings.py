@@ -31,28 +31,28 @@ def model(base_mib: int) -> tuple[dict, list[torch.Tensor]]:
 
 def run(store: S3Store, prefix: str, dedup: bool, base: dict, trainable: list, saves: int) -> dict:
     saver = RemoteSaver(store, prefix, dedup=dedup, max_concurrency=8)
-    uploaded, times = [], []
+    uploaded, times, sent = [], [], [0]
+    put, put_part = store.put, store.put_part
+
+    def counting_put(key, data, metadata, when=None):
+        sent[0] += len(data)
+        return put(key, data, metadata, when)
+
+    def counting_part(upload, number, data):
+        sent[0] += len(data)
+        return put_part(upload, number, data)
+
+    store.put, store.put_part = counting_put, counting_part  # type: ignore[method-assign]
     for step in range(1, saves + 1):
         for t in trainable:
             t.add_(0.01)
         state = {"model": {**base, **{f"adapter.{i}": t for i, t in enumerate(trainable)}}, "step": step}
-        sent = [0]
-        put, put_part = store.put, store.put_part
-
-        def counting_put(key, data, metadata, when=None):
-            sent[0] += len(data)
-            return put(key, data, metadata, when)
-
-        def counting_part(upload, number, data):
-            sent[0] += len(data)
-            return put_part(upload, number, data)
-
-        store.put, store.put_part = counting_put, counting_part  # type: ignore[method-assign]
+        sent[0] = 0
         start = time.perf_counter()
         saver(state, f"model_{step}.pt")
         times.append(time.perf_counter() - start)
-        store.put, store.put_part = put, put_part  # type: ignore[method-assign]
         uploaded.append(sent[0])
+    store.put, store.put_part = put, put_part  # type: ignore[method-assign]
     loads = []
     for _ in range(3):
         start = time.perf_counter()
