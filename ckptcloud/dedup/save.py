@@ -14,7 +14,7 @@ from ckptcloud.dedup import manifest
 from ckptcloud.dedup.blobs import COMMIT_FRACTION, BlobIndex, blob_folder
 from ckptcloud.dedup.writer import BlobWriter
 from ckptcloud.errors import RemoteSaveError
-from ckptcloud.streaming import PartWriter
+from ckptcloud.streaming import Meter, PartWriter
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,14 @@ def check_fresh(births: Mapping[str, float], grace: float, url: str) -> None:
 
 def save_dedup(saver: Any, index: BlobIndex, checkpoint: Any, key: str, metadata: Mapping | None) -> SaveStats:
     """Store ``checkpoint`` at ``key`` of ``saver`` (a :class:`~ckptcloud.remote.RemoteSaver`) as a manifest."""
-    from ckptcloud.remote import _object_metadata, _run_claim
+    from ckptcloud.remote import _estimate_nbytes, _object_metadata, _run_claim
 
     store, retry, url = saver.store, saver.retry, saver.store.url(key)
     folder = blob_folder(saver._base)
     if not index.listed:  # blobs stored before this process started (a resumed run): reusable while fresh
         listed = retry.call(lambda: store.list(folder), f"listing {store.url(folder)}")
         index.add_listing(listed, folder)
+    meter = Meter(saver.progress, _estimate_nbytes(checkpoint))  # blob bytes stored or found stored
     writer = BlobWriter(
         store,
         folder,
@@ -83,6 +84,7 @@ def save_dedup(saver: Any, index: BlobIndex, checkpoint: Any, key: str, metadata
         max_concurrency=saver.max_concurrency,
         retry=retry,
         names=tensor_names(checkpoint),
+        progress=meter.add,
     )
     try:
         length = serialization.save(checkpoint, writer, **saver.kwargs)

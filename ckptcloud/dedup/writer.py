@@ -112,6 +112,8 @@ class BlobWriter(io.RawIOBase):
             self.segments.append(["blob", offset, len(chunk), known.name, crc, tensor])
             self.births[known.name] = known.birth
             self.reused_bytes += len(chunk)
+            if self._progress is not None:
+                self._progress(len(chunk))
             return
         buf = self._take_buffer()
         buf[: len(chunk)] = chunk
@@ -127,6 +129,11 @@ class BlobWriter(io.RawIOBase):
             blob = self._create(digest, digest, view)
             if blob is None:  # stored by another writer: reuse it if fresh, else store a copy under a new name
                 blob = self._existing(digest)
+                if blob is not None:
+                    with self._lock:
+                        self.reused_bytes += size
+                    if self._progress is not None:
+                        self._progress(size)
             if blob is None:
                 blob = self._create(digest, fresh_copy_name(digest), view)
                 assert blob is not None, "a fresh copy name is used once"

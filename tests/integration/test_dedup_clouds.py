@@ -89,6 +89,20 @@ def test_second_save_of_a_frozen_base_uploads_only_the_changed_adapter(root):
     assert_same(saver.load("model_2.pt")["adapter"], adapter)
 
 
+def test_blob_stored_by_another_writer_is_found_by_conditional_create_and_reused(root):
+    first, second = dedup_saver(root), dedup_saver(root)
+    second.dedup.index.listed = True  # as if it listed before the first saver stored anything
+    data = {"w": torch.randn(512, 1024)}
+    first(data, "model_1.pt")
+    sent: list[str] = []
+    put = second.store.put
+    second.store.put = lambda key, d, m, when=None: (sent.append(key), put(key, d, m, when))[1]
+    second(data, "model_2.pt")
+    assert second.dedup.last.uploaded_bytes == 0 and second.dedup.last.reused_bytes == data["w"].nbytes
+    assert len(blob_names(second)) == 1 and len(sent) == 2  # the refused create, the manifest
+    assert_same(second.load("model_2.pt"), data)
+
+
 def test_eviction_and_gc_command_leave_exactly_the_kept_checkpoints_blobs(root, capsys):
     saver = dedup_saver(root, dedup_grace=2.0)
     model = torch.nn.Linear(256, 256)  # 256 KiB weight: one blob, changes every save

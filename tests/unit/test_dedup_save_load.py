@@ -177,3 +177,12 @@ def test_without_blake3_dedup_names_the_extra(monkeypatch):
 def test_sharded_with_dedup_is_refused_clearly():
     with pytest.raises(NotImplementedError, match=r"dedup=True.*sharded"):
         Checkpoint({"model": torch.nn.Linear(2, 2)}, saver(), sharded=True)
+
+
+def test_progress_counts_every_blob_byte_stored_or_found():
+    seen: list[tuple[int, int | None]] = []
+    s = saver(progress=lambda done, total: seen.append((done, total)))
+    state = {"w": torch.randn(256, 1024), "v": torch.randn(256, 1024)}
+    s(state, "model_1.pt")
+    s(state, "model_2.pt")
+    assert seen[-1] == (2 * MiB, 2 * MiB)
