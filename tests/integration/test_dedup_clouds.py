@@ -64,6 +64,7 @@ def test_round_trip_and_cli_get_are_bit_identical(root, tmp_path):
     assert main(["get", f"{root}/run/model_1.pt", str(tmp_path / "got.pt"), "-q"]) == 0
     assert (tmp_path / "got.pt").read_bytes() == stored_bytes(data)
     assert main(["ls", f"{root}/run"]) == 0
+    assert main(["verify", f"{root}/run/model_1.pt", "-q"]) == 0
 
 
 def test_second_save_of_a_frozen_base_uploads_only_the_changed_adapter(root):

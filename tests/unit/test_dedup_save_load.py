@@ -186,3 +186,31 @@ def test_progress_counts_every_blob_byte_stored_or_found():
     s(state, "model_1.pt")
     s(state, "model_2.pt")
     assert seen[-1] == (2 * MiB, 2 * MiB)
+
+
+class CountingStore(MemoryStore):
+    """Keeps only the sizes of blobs: what the save itself holds in memory is all that tracemalloc sees."""
+
+    def put(self, key, data, metadata, when=None):
+        if "/.blobs/" in key:
+            self._log("put")
+            with self._lock:
+                self._check_condition(key, when)
+                self.objects[key] = (b"", dict(metadata), time.time())
+            return
+        super().put(key, data, metadata, when)
+
+
+def test_save_memory_stays_within_the_chunk_buffer_pool():
+    import tracemalloc
+
+    s = saver(CountingStore(), max_concurrency=2)
+    data = {"w": torch.randn(16 * MiB)}  # 64 MiB: 13 chunks of 5 MiB
+    tracemalloc.start()
+    try:
+        s(data, "model_1.pt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s.dedup.last.uploaded_bytes == 64 * MiB
+    assert peak < (2 + 1) * PART + 4 * MiB, peak / MiB
