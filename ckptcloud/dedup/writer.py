@@ -76,6 +76,7 @@ class BlobWriter(io.RawIOBase):
         self._futures: list[Future[None]] = []
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._in_flight: dict[str, list[list[Any]]] = {}  # digest -> the segments waiting for its upload
         self.failure: BaseException | None = None
 
     def writable(self) -> bool:
@@ -115,13 +116,20 @@ class BlobWriter(io.RawIOBase):
             if self._progress is not None:
                 self._progress(len(chunk))
             return
-        buf = self._take_buffer()
-        buf[: len(chunk)] = chunk
         segment = ["blob", offset, len(chunk), digest, crc, tensor]
         self.segments.append(segment)
-        self._futures.append(self._executor.submit(self._store_blob, digest, buf, len(chunk), segment))
+        with self._lock:
+            twins = self._in_flight.get(digest)
+            if twins is not None:  # the same bytes earlier in this save, still uploading: named when it is stored
+                twins.append(segment)
+                self.reused_bytes += len(chunk)
+                return
+            self._in_flight[digest] = [segment]
+        buf = self._take_buffer()
+        buf[: len(chunk)] = chunk
+        self._futures.append(self._executor.submit(self._store_blob, digest, buf, len(chunk)))
 
-    def _store_blob(self, digest: str, buf: bytearray, size: int, segment: list[Any]) -> None:
+    def _store_blob(self, digest: str, buf: bytearray, size: int) -> None:
         try:
             if self._cancel.is_set():
                 return
@@ -138,10 +146,11 @@ class BlobWriter(io.RawIOBase):
                 blob = self._create(digest, fresh_copy_name(digest), view)
                 assert blob is not None, "a fresh copy name is used once"
             view.release()
-            with self._lock:
-                segment[3] = blob.name
-                self.births[blob.name] = blob.birth
             self._index.add(digest, blob)
+            with self._lock:
+                for segment in self._in_flight.pop(digest):
+                    segment[3] = blob.name
+                self.births[blob.name] = blob.birth
         except BaseException as err:
             self._fail(err)
             raise

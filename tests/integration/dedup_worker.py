@@ -42,8 +42,10 @@ def gc_loop(url: str, grace: float, seconds: float, out: str) -> None:
     deleted: list[str] = []
     end = time.time() + seconds
     while time.time() < end:
+        started = time.time()
         deleted += collect_garbage(saver.store, saver._base, grace, retry=saver.retry).deleted
-        time.sleep(0.05)
+        print(f"gc pass: {time.time() - started:.2f} s, {len(deleted)} deleted so far", file=sys.stderr, flush=True)
+        time.sleep(0.2)
     with open(out, "w") as file:
         json.dump(deleted, file)
 

@@ -161,7 +161,10 @@ def test_gc_in_another_process_during_saves_loses_nothing(root, tmp_path):
             saver.store.delete(saver.key(f"model_{step - 2}.pt"))  # evicted; only the other process collects
             del saved[f"model_{step - 2}.pt"]
         time.sleep(0.3)
-    assert gc.wait(timeout=60) == 0
+    try:
+        assert gc.wait(timeout=120) == 0
+    finally:
+        gc.kill()
     assert json.loads(out.read_text())  # it did collect the blobs of evicted checkpoints meanwhile
     for name, moving in saved.items():
         loaded = saver.load(name)

@@ -214,3 +214,12 @@ def test_save_memory_stays_within_the_chunk_buffer_pool():
         tracemalloc.stop()
     assert s.dedup.last.uploaded_bytes == 64 * MiB
     assert peak < (2 + 1) * PART + 4 * MiB, peak / MiB
+
+
+def test_equal_chunks_within_one_save_are_uploaded_once():
+    s = saver()
+    zeros = {f"m{i}": torch.zeros(256, 1024) for i in range(6)}  # 6 equal 1 MiB storages
+    s(zeros, "model_1.pt")
+    assert s.dedup.last.uploaded_bytes == 1 * MiB and s.dedup.last.reused_bytes == 5 * MiB
+    assert s.store.requests.count("put") == 2  # one blob, the manifest
+    assert_same(s.load("model_1.pt"), zeros)
