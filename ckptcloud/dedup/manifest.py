@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import re
 from typing import IO, Any
 
 import torch
@@ -60,7 +61,31 @@ def decode(file: IO[bytes], name: str) -> dict[str, Any]:
         raise ValueError(f"{name} is not a {FORMAT} manifest (format {getattr(manifest, 'get', dict)('format')!r})")
     inline = manifest["inline"]
     manifest["inline"] = ctypes.string_at(inline.data_ptr(), inline.nbytes) if inline.nbytes else b""
+    _validate(manifest, name)
     return manifest
+
+
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]{1,40})?")
+
+
+def _validate(manifest: dict[str, Any], name: str) -> None:
+    """Segments that tile ``[0, length)`` in order, inline ranges inside the inline bytes, blob names that are
+    names this format writes (nothing outside ``.blobs/`` is ever read); ``ValueError`` naming ``name`` else."""
+    position, inline = 0, len(manifest["inline"])
+    for segment in manifest["segments"]:
+        kind, offset, length = segment[0], segment[1], segment[2]
+        good = offset == position and isinstance(length, int) and length >= 0
+        if kind == "inline":
+            good = good and len(segment) == 4 and 0 <= segment[3] <= inline - length
+        elif kind == "blob":
+            good = good and len(segment) == 6 and isinstance(segment[3], str) and bool(_BLOB_NAME.fullmatch(segment[3]))
+        else:
+            good = False
+        if not good:
+            raise ValueError(f"{name} is a damaged {FORMAT} manifest (bad segment {segment[:4]!r})")
+        position += length
+    if position != manifest["length"]:
+        raise ValueError(f"{name} is a damaged {FORMAT} manifest (segments cover {position} of {manifest['length']})")
 
 
 def decode_bytes(data: bytes, name: str) -> dict[str, Any]:

@@ -223,3 +223,27 @@ def test_equal_chunks_within_one_save_are_uploaded_once():
     assert s.dedup.last.uploaded_bytes == 1 * MiB and s.dedup.last.reused_bytes == 5 * MiB
     assert s.store.requests.count("put") == 2  # one blob, the manifest
     assert_same(s.load("model_1.pt"), zeros)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda segments: segments[1].__setitem__(3, "../model_1.pt"),  # a key outside .blobs/
+        lambda segments: segments[1].__setitem__(1, 1 << 40),  # a write far past the end
+        lambda segments: segments.pop(),  # segments no longer cover the file
+    ],
+    ids=["blob-name", "offset", "coverage"],
+)
+def test_a_tampered_manifest_is_refused_before_any_blob_is_read(tamper):
+    s = saver()
+    s({"w": torch.randn(256, 1024)}, "model_1.pt")
+    body = s.store.objects["run/model_1.pt"][0]
+    parsed = torch.load(io.BytesIO(body), weights_only=True)
+    tamper(parsed["segments"])
+    from tests.helpers import stored_bytes as encode
+
+    s.store.objects["run/model_1.pt"] = (encode(parsed), {}, time.time())
+    reads = s.store.requests.count("read")
+    with pytest.raises(ValueError, match="damaged ckptcloud-dedup/1 manifest"):
+        s.load("model_1.pt")
+    assert s.store.requests.count("read") == reads + 1  # the manifest only
