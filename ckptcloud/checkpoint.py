@@ -125,6 +125,8 @@ class Checkpoint(Sharded, Naming, Resume, Loading, Retention):
 
         if not isinstance(sharded, bool):
             raise TypeError(f"Argument `sharded` should be a bool, but given {type(sharded)}")
+        if sharded and getattr(save_handler, "dedup", None) is not None:
+            raise NotImplementedError("dedup=True savers do not support sharded=True yet: use sharded=False")
 
         self.to_save = to_save
         self.filename_prefix = filename_prefix

@@ -23,10 +23,11 @@ from typing import IO, Any
 
 import torch
 
+from ckptcloud import _cli_dedup, serialization
 from ckptcloud import _cli_sharded as sharded
-from ckptcloud import serialization
 from ckptcloud._inventory import human_size, listing_rows
 from ckptcloud._tree import tree_leaves
+from ckptcloud.dedup.load import rebuild_if_manifest
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import CkptcloudError, IntegrityError
 from ckptcloud.handlers import DiskSaver, atomic_write, check_filename
@@ -125,6 +126,7 @@ def _download(saver: Any, name: str, file: IO[bytes], bar: _Bar) -> int:
     else:
         options = {"part_size": saver.part_size, "max_concurrency": saver.max_concurrency, "retry": saver.retry}
         size = download_to_file(saver.store, saver.key(name), file, progress=bar, **options)
+        size = rebuild_if_manifest(saver, name, file, bar) or size  # a dedup manifest -> a normal torch.save file
     bar.close()
     return size
 
@@ -472,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
         "dst",
     )
     convert.add_argument("--batch-mib", type=_positive, default=64, metavar="MIB", help="tensor MiB loaded at once")
+    _cli_dedup.register(add)
     sub.add_parser("demo", help="train, checkpoint to a local S3 server, restore (see 'ckptcloud demo -h')")
     return parser
 

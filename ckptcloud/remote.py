@@ -21,6 +21,8 @@ from ckptcloud import distributed, serialization
 from ckptcloud._resume import format_priority
 from ckptcloud._tree import tree_leaves
 from ckptcloud.contract import BaseSaveHandler, ObjectInfo, check_filename, is_valid_name
+from ckptcloud.dedup.load import rebuild_if_manifest
+from ckptcloud.dedup.state import make_dedup
 from ckptcloud.deleting import delete_keys
 from ckptcloud.download import download_to_file
 from ckptcloud.errors import RunConflictError
@@ -87,6 +89,12 @@ class RemoteSaver(BaseSaveHandler):
             6 attempts, exponential backoff with jitter, 300 s per request at most).
         progress: ``progress(bytes_done, bytes_total)`` during saves and loads, called from worker threads
             (``bytes_total`` is the tensors' size estimate while saving, the object size while loading).
+        dedup: content-addressed saves (:mod:`ckptcloud.dedup`): tensor bytes stored once as blobs under
+            ``prefix/.blobs/``, each checkpoint a small manifest; unchanged bytes are never uploaded again, and
+            removing checkpoints garbage-collects blobs. Needs the ``dedup`` extra. Loads of such checkpoints work
+            with any saver.
+        dedup_grace: seconds an unreferenced blob is kept before GC may delete it (default 6 hours); blobs older
+            than half of it are stored again rather than reused. Every saver and GC of a prefix must use the same.
         **torch_save_kwargs: passed to ``torch.save``.
 
     Example:
@@ -115,6 +123,8 @@ class RemoteSaver(BaseSaveHandler):
         tmp_dir: str | None = None,
         retry: Retry | None = None,
         progress: Progress | None = None,
+        dedup: bool = False,
+        dedup_grace: float | None = None,
         **torch_save_kwargs: Any,
     ) -> None:
         limits = store.limits
@@ -142,6 +152,7 @@ class RemoteSaver(BaseSaveHandler):
         self.retry = retry or Retry()
         self.progress = progress
         self.kwargs = torch_save_kwargs
+        self.dedup = make_dedup(dedup, dedup_grace)  # ckptcloud.dedup: None unless dedup=True
         if distributed.get_rank() == save_on_rank:
             if check_bucket:
                 self.retry.call(store.check_bucket, f"checking {self.url('')}")
@@ -181,6 +192,8 @@ class RemoteSaver(BaseSaveHandler):
         )
 
     def _upload(self, checkpoint: Mapping, key: str, metadata: Mapping | None) -> None:
+        if self.dedup is not None:  # blobs + manifest (ckptcloud.dedup)
+            return self.dedup.save(self, checkpoint, key, metadata)
         expected = _estimate_nbytes(checkpoint)
         part_size = choose_part_size(self.store.limits, self.part_size, expected)
         writer = PartWriter(
@@ -211,7 +224,14 @@ class RemoteSaver(BaseSaveHandler):
     def remove(self, filename: str) -> None:
         key = self.key(filename)
         what = f"removing {self.url(filename)}"
-        distributed.run_on_rank(self.save_on_rank, lambda: self.retry.call(lambda: self.store.delete(key), what), what)
+        distributed.run_on_rank(
+            self.save_on_rank, lambda: (self.retry.call(lambda: self.store.delete(key), what), self._collect()), what
+        )
+
+    def _collect(self) -> None:
+        """With ``dedup``: garbage-collect the blobs no kept checkpoint references (:mod:`ckptcloud.dedup.gc`)."""
+        if self.dedup is not None:
+            self.dedup.collect(self)
 
     def remove_many(self, filenames: Iterable[str]) -> None:
         """Remove several checkpoints in as few requests as the store allows (S3: 1,000 keys per request).
@@ -225,7 +245,9 @@ class RemoteSaver(BaseSaveHandler):
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = f"removing {len(keys)} checkpoint(s) under {self.url('')} ({shown})"
 
-        distributed.run_on_rank(self.save_on_rank, lambda: delete_keys(self.store, keys, self.retry), what)
+        distributed.run_on_rank(
+            self.save_on_rank, lambda: (delete_keys(self.store, keys, self.retry), self._collect()), what
+        )
 
     # ------------------------------------------------------------------------------------- read and list
     @property
@@ -339,6 +361,7 @@ class RemoteSaver(BaseSaveHandler):
                 retry=self.retry,
                 progress=self.progress,
             )
+            rebuild_if_manifest(self, filename, file, self.progress)  # a dedup manifest -> its checkpoint
             return serialization.load(
                 file, map_location=map_location, weights_only=weights_only, name=self.url(filename), mmap=mmap
             )

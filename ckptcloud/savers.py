@@ -35,7 +35,8 @@ class S3Saver(RemoteSaver):
             ...) raise ``ValueError`` here.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed saves: see
+            :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
             Parts are 5 MiB to 5 GiB (default 16 MiB), raised automatically past 10,000 parts.
 
     Example:
@@ -84,7 +85,8 @@ class GCSSaver(RemoteSaver):
             only its hash, so a lost key is lost data. Not with ``kms_key_name``.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed saves: see
+            :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
             Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
 
     Example:
@@ -137,7 +139,8 @@ class AzureBlobSaver(RemoteSaver):
             sent with every write and read (the SDK sends it over HTTPS only). Not both.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
             ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``check_bucket``, ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
+            ``check_bucket``, ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed
+            saves: see :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
             Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
 
     Example:
