@@ -109,10 +109,16 @@ def run(args: argparse.Namespace) -> dict:
                 for method in args.methods[shift:] + args.methods[:shift]:
                     tag = f"r{rnd}-"
                     row: dict[str, Any] = {"round": rnd, "method": method, "size": size}
-                    for phase in ("save", "load"):
-                        row[phase] = bench.case(method, size, phase, tag)
+                    try:
+                        for phase in ("save", "load"):
+                            row[phase] = bench.case(method, size, phase, tag)
+                    except (RuntimeError, subprocess.TimeoutExpired) as err:  # e.g. out of memory: keep going
+                        row["error"] = str(err)[-2000:]
+                        print(f"round {rnd} {size:5d} MiB {method}: FAILED {str(err)[-300:]}", flush=True)
                     bench.clean()
                     runs.append(row)
+                    if "error" in row:
+                        continue
                     s, ld = row["save"], row["load"]
                     print(
                         f"round {rnd} {size:5d} MiB {method:22s} save {s['s']:6.2f} s cpu {s['cpu']:6.2f} | "
@@ -148,7 +154,7 @@ def summarize(data: dict) -> dict:
         for phase in ("save", "load"):
             cells: dict[str, dict[str, Any]] = {}
             for method in methods:
-                rows = [r[phase] for r in data["runs"] if r["method"] == method and r["size"] == size]
+                rows = [r[phase] for r in data["runs"] if r["method"] == method and r["size"] == size and phase in r]
                 if not rows:
                     continue
                 cells[method] = {
@@ -207,6 +213,16 @@ def markdown(data: dict) -> str:
                 f"| {LABELS.get(method, method)} | {g[0]:.2f} [{g[1]:.2f}-{g[2]:.2f}] | "
                 f"{cpu[0]:.2f} [{cpu[1]:.2f}-{cpu[2]:.2f}] | {alt} | {floor} | {srv[0]:.2f} |"
             )
+        lines.append("")
+    failed = [r for r in data["runs"] if "error" in r]
+    if failed:
+        lines.append(
+            "Failed cases (not in the tables): "
+            + "; ".join(
+                f"round {r['round']} {r['method']} {r['size']} MiB: {r['error'].strip().splitlines()[-1][:160]}"
+                for r in failed
+            )
+        )
         lines.append("")
     return "\n".join(lines)
 
