@@ -101,6 +101,13 @@ def run(args: argparse.Namespace) -> dict:
         pid = stop.pid
     runs: list[dict[str, Any]] = []
     started = time.time()
+    meta = {
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "server": args.endpoint or "benchmarks/sink_server.py (RAM, separate process)",
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+    }
     try:
         bench = Ceiling(endpoint, pid, args.concurrency)
         for rnd in range(args.rounds):
@@ -117,6 +124,10 @@ def run(args: argparse.Namespace) -> dict:
                         print(f"round {rnd} {size:5d} MiB {method}: FAILED {str(err)[-300:]}", flush=True)
                     bench.clean()
                     runs.append(row)
+                    if args.out:  # what is measured so far, in case the run is cut short
+                        args.out.mkdir(parents=True, exist_ok=True)
+                        partial = {**meta, "minutes": (time.time() - started) / 60, "runs": runs, "partial": True}
+                        (args.out / "ceiling.json").write_text(json.dumps(partial, indent=1))
                     if "error" in row:
                         continue
                     s, ld = row["save"], row["load"]
@@ -128,15 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if stop is not None:
             stop()
-    return {
-        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "minutes": (time.time() - started) / 60,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "server": args.endpoint or "benchmarks/sink_server.py (RAM, separate process)",
-        "rounds": args.rounds,
-        "concurrency": args.concurrency,
-        "runs": runs,
-    }
+    return {**meta, "minutes": (time.time() - started) / 60, "runs": runs}
 
 
 # --------------------------------------------------------------------------------------------------- report

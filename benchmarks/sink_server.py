@@ -617,7 +617,7 @@ class Stop:
 
 def start_sink(*, discard: bool = False, host: str = "127.0.0.1", port: int = 0) -> tuple[str, Stop]:
     """Start the server in a separate process; returns ``(endpoint, stop)``. ``port=0`` picks a free one."""
-    args = [sys.executable, os.path.abspath(__file__), "--host", host, "--port", str(port)]
+    args = [sys.executable, os.path.abspath(__file__), "--host", host, "--port", str(port), "--exit-with-parent"]
     if discard:
         args.append("--discard")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -698,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000, help="0: a free port")
     parser.add_argument("--discard", action="store_true", help="keep only sizes and CRC32Cs; GETs serve zeros")
+    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process ends")
     parser.add_argument("--selftest", action="store_true", help="start a server process and measure it, then exit")
     parser.add_argument("--size", type=int, default=1024, help="--selftest: MiB to PUT and GET")
     args = parser.parse_args(argv)
@@ -717,6 +718,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"server CPU {cpu / (2 * args.size / 1024):.2f} s per GiB moved"
             )
         return
+    if args.exit_with_parent:  # start_sink's server must not outlive a benchmark that was killed
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(0)
+
+        threading.Thread(target=watch, daemon=True).start()
     server = make_server(args.host, args.port, discard=args.discard)
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}", flush=True)
