@@ -88,16 +88,15 @@ def _make_gil_free_copy() -> Callable[[bytearray, int, memoryview], None] | None
     ``torch.save``'s tensor views are read-only, so their address comes from ``PyObject_GetBuffer`` (the caller's
     memoryview keeps the memory alive during the copy).
     """
-    try:
-        get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-        release = ctypes.pythonapi.PyBuffer_Release
-    except AttributeError:  # pragma: no cover - not CPython
+    try:  # private prototypes (PYFUNCTYPE: called with the GIL), not ctypes.pythonapi's shared attributes
+        api = ctypes.pythonapi
+        get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)(
+            ("PyObject_GetBuffer", api)
+        )
+        release = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(("PyBuffer_Release", api))
+    except (AttributeError, OSError):  # pragma: no cover - not CPython
         return None
-    get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
-    get_buffer.restype = ctypes.c_int
-    release.argtypes = (ctypes.POINTER(_PyBuffer),)
-    release.restype = None
-    memmove = ctypes.memmove
+    memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
 
     def copy(dst: bytearray, offset: int, src: memoryview) -> None:
         n = len(src)
