@@ -77,7 +77,8 @@ class Ceiling:
         out = subprocess.run([sys.executable, str(CASES), json.dumps(spec)], capture_output=True, text=True,
                              timeout=1800, env=env)  # fmt: skip
         if out.returncode != 0:
-            raise RuntimeError(f"{method} {size} MiB {phase} failed:\n{out.stderr[-3000:]}")
+            why = "killed (SIGKILL: out of memory?)" if out.returncode == -9 else f"exit {out.returncode}"
+            raise RuntimeError(f"{method} {size} MiB {phase} failed, {why}:\n{out.stderr[-3000:]}")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result["server_cpu"] = _proc_cpu(self.server_pid) - server if server is not None else None
         return result
@@ -175,6 +176,9 @@ def summarize(data: dict) -> dict:
                     cell["best_alt"] = best
                     cell["x_best_alt"] = cell["gibps"][0] / cells[best]["gibps"][0]
                     cell["within_noise"] = lo <= bhi and blo <= hi
+                    cheapest = min(others, key=lambda m: cells[m]["cpu"][0])
+                    cell["cpu_x_best_alt"] = cell["cpu"][0] / cells[cheapest]["cpu"][0]
+                    cell["cpu_best_alt"] = cheapest
                 if "floor" in cells and method != "floor":
                     cell["x_floor"] = cell["s"][0] / cells["floor"]["s"][0]
             out[f"{size}/{phase}"] = cells
@@ -193,7 +197,8 @@ def markdown(data: dict) -> str:
         "",
         "GiB/s is wall throughput (median [min-max] over rounds); CPU is the client process's user+system seconds "
         'per GiB; `x best alt` is the median GiB/s over the best other client\'s ("within noise" when the '
-        "min-max ranges overlap); `x floor` is the median time over the serialization floor's (torch.save into a "
+        "min-max ranges overlap); `CPU x cheapest alt` is the median client CPU over the
+lowest other client's; `x floor` is the median time over the serialization floor's (torch.save into a "
         "discarding sink for saves, torch.load of a tmpfs file for loads).",
         "",
     ]
@@ -203,8 +208,8 @@ def markdown(data: dict) -> str:
         lines += [
             f"## {phase} {label}",
             "",
-            "| method | GiB/s | CPU s/GiB | x best alt | x floor | server CPU s/GiB |",
-            "|---|---|---|---|---|---|",
+            "| method | GiB/s | CPU s/GiB | x best alt | CPU x cheapest alt | x floor | server CPU s/GiB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method, c in cells.items():
             g, cpu, srv = c["gibps"], c["cpu"], c["server_cpu"]
@@ -212,9 +217,10 @@ def markdown(data: dict) -> str:
             if "x_best_alt" in c:
                 alt = f"{c['x_best_alt']:.2f} vs {c['best_alt']}" + (" (within noise)" if c["within_noise"] else "")
             floor = f"{c['x_floor']:.2f}" if "x_floor" in c else ""
+            cheap = f"{c['cpu_x_best_alt']:.2f} vs {c['cpu_best_alt']}" if "cpu_x_best_alt" in c else ""
             lines.append(
                 f"| {LABELS.get(method, method)} | {g[0]:.2f} [{g[1]:.2f}-{g[2]:.2f}] | "
-                f"{cpu[0]:.2f} [{cpu[1]:.2f}-{cpu[2]:.2f}] | {alt} | {floor} | {srv[0]:.2f} |"
+                f"{cpu[0]:.2f} [{cpu[1]:.2f}-{cpu[2]:.2f}] | {alt} | {cheap} | {floor} | {srv[0]:.2f} |"
             )
         lines.append("")
     failed = [r for r in data["runs"] if "error" in r]
@@ -222,7 +228,7 @@ def markdown(data: dict) -> str:
         lines.append(
             "Failed cases (not in the tables): "
             + "; ".join(
-                f"round {r['round']} {r['method']} {r['size']} MiB: {r['error'].strip().splitlines()[-1][:160]}"
+                f"round {r['round']} {r['method']} {r['size']} MiB ({r['error'].strip().splitlines()[-1][:160]})"
                 for r in failed
             )
         )
