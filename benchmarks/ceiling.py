@@ -197,8 +197,8 @@ def markdown(data: dict) -> str:
         "",
         "GiB/s is wall throughput (median [min-max] over rounds); CPU is the client process's user+system seconds "
         'per GiB; `x best alt` is the median GiB/s over the best other client\'s ("within noise" when the '
-        "min-max ranges overlap); `CPU x cheapest alt` is the median client CPU over the
-lowest other client's; `x floor` is the median time over the serialization floor's (torch.save into a "
+        "min-max ranges overlap); `CPU x cheapest alt` is the median client CPU over the lowest other client's; "
+        "`x floor` is the median time over the serialization floor's (torch.save into a "
         "discarding sink for saves, torch.load of a tmpfs file for loads).",
         "",
     ]
