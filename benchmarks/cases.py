@@ -37,12 +37,17 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def make_state(size_mib: int) -> dict:
+def make_state(size_mib: int, fast: bool = False) -> dict:
+    """``size_mib`` of float32 tensors of 128 MiB each, random. ``fast``: one random tensor, the others it plus
+    ``i`` (as incompressible, distinct values, but 1 GiB in ~0.5 s instead of ~4 s of ``randn`` here)."""
     import torch
 
     n = max(1, size_mib // TENSOR_MIB)
     per = size_mib * MiB // n // 4
-    return {f"layer{i}.weight": torch.randn(per) for i in range(n)}
+    if not fast:
+        return {f"layer{i}.weight": torch.randn(per) for i in range(n)}
+    first = torch.randn(per)
+    return {f"layer{i}.weight": first + i if i else first for i in range(n)}
 
 
 class _Stateful:
@@ -196,6 +201,84 @@ def s3torch_load(spec: dict, checkpoint: Any, key: str) -> Any:
         return torch.load(reader, weights_only=True)
 
 
+# ---------------------------------------------------------------------------- DCP through s3torchconnector
+def _dcp_fs(spec: dict, reader_constructor: Any = None) -> Any:
+    """s3torchconnector's DCP file system on ``spec``'s endpoint: its ``S3StorageWriter``/``Reader`` take no
+    ``endpoint`` (and the CRT ignores ``AWS_ENDPOINT_URL_S3``), so their ``fs`` is replaced by one whose client has
+    it; everything else is theirs."""
+    from s3torchconnector import S3ClientConfig
+    from s3torchconnector._s3client import S3Client
+    from s3torchconnector.dcp.s3_file_system import S3FileSystem
+
+    client = S3Client("us-east-1", endpoint=spec["endpoint"], s3client_config=S3ClientConfig(force_path_style=True))
+    return S3FileSystem("us-east-1", s3_client=client, reader_constructor=reader_constructor)
+
+
+def dcp_save(spec: dict, _: Any, state: dict, key: str) -> None:
+    """``dcp.save`` in one process (no process group): DCP's default planner, s3torchconnector's writer."""
+    import torch.distributed.checkpoint as dcp
+    from s3torchconnector.dcp import S3StorageWriter
+
+    path = f"s3://{spec['bucket']}/{key}"
+    writer = S3StorageWriter(region="us-east-1", path=path)
+    writer.fs = _dcp_fs(spec)
+    writer.path = writer.fs.init_path(path)
+    dcp.save(state, storage_writer=writer)
+
+
+def dcp_load(spec: dict, _: Any, key: str) -> Any:
+    """``dcp.load`` into preallocated tensors of the saved shapes (DCP loads in place), with the default
+    (``dcp_optimized``) reader. The targets are allocated inside the timed region, as any other load's tensors."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from s3torchconnector.dcp import S3StorageReader
+
+    path = f"s3://{spec['bucket']}/{key}"
+    reader = S3StorageReader(region="us-east-1", path=path)
+    reader.fs = _dcp_fs(spec, reader._reader_constructor)
+    reader.path = reader.fs.init_path(path)
+    metadata = reader.read_metadata()
+    targets = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype) for name, meta in metadata.state_dict_metadata.items()
+    }
+    dcp.load(targets, storage_reader=reader)
+    return targets
+
+
+# ------------------------------------------------------------------------------------- serialization floor
+class _Discard:
+    """A write-only stream that drops what it is given: ``torch.save`` with no I/O at all."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.n += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def floor_save(spec: dict, _: Any, state: dict, key: str) -> None:
+    import torch
+
+    torch.save(state, _Discard())
+
+
+def floor_load(spec: dict, _: Any, key: str) -> Any:
+    """``torch.load`` of a file in tmpfs (``/dev/shm``), written before the clock starts (see :func:`run`)."""
+    import torch
+
+    return torch.load(_shm_path(spec), weights_only=True)
+
+
+def _shm_path(spec: dict) -> str:
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(folder, f"ckptcloud-floor-{os.getpid()}-{spec['size']}.pt")
+
+
 # -------------------------------------------------------------------------------------------------- the case
 FAMILIES = {  # method -> (make the client once, untimed: a training job does it once; save; load)
     "ckptcloud": (_saver, ckptcloud_save, ckptcloud_load),
@@ -203,6 +286,8 @@ FAMILIES = {  # method -> (make the client once, untimed: a training job does it
     "upload_fileobj": (sdk_client, naive_save, naive_load),
     "fsspec": (_fs, fsspec_save, fsspec_load),
     "s3torchconnector": (_s3torch, s3torch_save, s3torch_load),
+    "dcp-s3torchconnector": (lambda spec: None, dcp_save, dcp_load),
+    "floor": (lambda spec: None, floor_save, floor_load),  # torch.save into a discarding sink; tmpfs torch.load
 }
 
 
@@ -218,16 +303,22 @@ def run(spec: dict) -> dict:
     make, save, load = FAMILIES.get(family, (lambda spec: None, None, None))
     client = make(spec)
     if spec["phase"] == "save":
-        state = make_state(size)
+        state = make_state(size, spec.get("fast_state", False))
         before, cpu = _status("VmHWM"), _cpu()
         start = time.perf_counter()
         blocked = save(spec, client, state, key) if save else torch.save(state, local)
         seconds = time.perf_counter() - start
         blocked = seconds if blocked is None else blocked
         return {"s": seconds, "blocked": blocked, "extra": _status("VmHWM") - before, "cpu": _cpu() - cpu}
+    if method == "floor":  # the file the tmpfs load floor reads, written untimed
+        torch.save(make_state(size, fast=True), _shm_path(spec))
     before, cpu = _status("VmRSS"), _cpu()
     start = time.perf_counter()
-    loaded = load(spec, client, key) if load else torch.load(local, weights_only=True)
+    try:
+        loaded = load(spec, client, key) if load else torch.load(local, weights_only=True)
+    finally:
+        if method == "floor":
+            os.unlink(_shm_path(spec))
     for tensor in loaded.values():  # touch every page: tensors in memory, also where they map a file
         float(tensor.view(-1)[:: 4096 // tensor.element_size()].sum())
     seconds = time.perf_counter() - start

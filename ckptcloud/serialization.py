@@ -22,6 +22,8 @@ import os
 import pickle
 import re
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +45,53 @@ def trailer(length: int, crc: int) -> bytes:
     return _TRAILER.pack(TRAILER_MAGIC, length, crc)
 
 
+class _ZipCrc32Off:
+    """Turns off ``torch.save``'s per-record zip CRC32 for ckptcloud's saves only, as briefly as possible.
+
+    ``torch.save`` computes a CRC32 of every record (zlib's software slice-by-16, holding the GIL): 0.65 CPU-s per
+    GiB measured here, the whole cost of ``torch.save`` into a stream that discards (0.00 s without it). ckptcloud
+    already checksums every byte it writes with CRC32C (hardware, ~11 GB/s, in place) into its trailer, which
+    :func:`load` verifies; ``torch.load`` never checks zip CRCs. The option is a process-wide setting
+    (``torch.serialization.set_crc32_options``) that torch reads once, when the zip writer is made, before the first
+    write: :func:`save` turns it off on entry and restores it at the stream's first write (or when ``torch.save``
+    fails), so another thread's ``torch.save`` is affected only if it starts within that window (the pickling of a
+    state dict's structure, milliseconds); such a file still loads with ``torch.load``, only its zip CRCs read 0.
+    Overlapping ckptcloud saves keep a count, so the user's setting is restored by the last one.
+
+    Files saved this way are ordinary ``torch.load`` checkpoints; zip tools (``unzip -t``, Python's ``zipfile``
+    reading a record) report CRC mismatches on them. :data:`TORCH_ZIP_CRC32` ``= True`` keeps torch's CRCs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = True
+
+    def enter(self) -> bool:
+        """Turn the CRCs off (unless :data:`TORCH_ZIP_CRC32` or torch has no such option); whether it did."""
+        if TORCH_ZIP_CRC32 or not hasattr(torch.serialization, "set_crc32_options"):
+            return False
+        with self._lock:
+            if self._active == 0:
+                self._saved = torch.serialization.get_crc32_options()
+                torch.serialization.set_crc32_options(False)
+            self._active += 1
+        return True
+
+    def exit(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                torch.serialization.set_crc32_options(self._saved)
+
+
+TORCH_ZIP_CRC32 = False
+"""Whether ckptcloud's saves keep ``torch.save``'s per-record zip CRC32 (see :class:`_ZipCrc32Off`): ``False``, since
+the CRC32C trailer covers every byte and is what loads verify."""
+
+_zip_crc32 = _ZipCrc32Off()
+
+
 class _ChecksummingWriter(io.RawIOBase):
     """Forwards writes to ``stream`` while counting the bytes and (if ``checksum``) updating their CRC32C.
 
@@ -57,11 +106,15 @@ class _ChecksummingWriter(io.RawIOBase):
         self.crc = 0
         self.length = 0
         self.failure: BaseException | None = None
+        self.on_first_write: Callable[[], None] | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.on_first_write is not None:
+            self.on_first_write, first = None, self.on_first_write
+            first()
         try:
             view = memoryview(data).cast("B")
             written = self._stream.write(view)
@@ -85,6 +138,9 @@ def save(obj: Any, stream: IO[bytes], **torch_save_kwargs: Any) -> int:
     """
     with_trailer = not checksum.warn_if_slow()
     writer = _ChecksummingWriter(stream, checksum=with_trailer)
+    crc_off = with_trailer and _zip_crc32.enter()  # only when the trailer's CRC32C covers the bytes
+    if crc_off:
+        writer.on_first_write = _zip_crc32.exit
     try:
         torch.save(obj, writer, **torch_save_kwargs)
     except BaseException as err:
@@ -92,6 +148,10 @@ def save(obj: Any, stream: IO[bytes], **torch_save_kwargs: Any) -> int:
         if cause is None or cause is err or not isinstance(err, Exception):
             raise
         raise cause from None  # torch.save masks exceptions raised inside write()
+    finally:
+        if writer.on_first_write is not None:  # ended before its first write: restore the option here
+            writer.on_first_write = None
+            _zip_crc32.exit()
     if not with_trailer:
         return writer.length
     stream.write(trailer(writer.length, writer.crc))

@@ -19,6 +19,7 @@ after the other parts' retries.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import math
@@ -53,6 +54,68 @@ class Meter:
         with self._lock:
             self.done += n
             self._progress(self.done, self.total)
+
+
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer``, to read the address of a (possibly read-only) buffer."""
+
+    _fields_ = (
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    )
+
+
+GIL_FREE_COPY_MIN = 1024 * 1024
+"""Copies into part buffers of at least this many bytes run without the GIL (``ctypes.memmove``)."""
+
+
+def _make_gil_free_copy() -> Callable[[bytearray, int, memoryview], None] | None:
+    """``copy(dst, offset, src)``: ``dst[offset:offset + len(src)] = src`` with the GIL released, or ``None`` where
+    ``ctypes.pythonapi`` is missing (not CPython).
+
+    ``bytearray`` slice assignment copies while holding the GIL: a 16 MiB part took 2-5 ms here, during which the
+    part threads could not get back from ``sendall`` or start their next request (profiled with py-spy: those
+    threads waited for the GIL ~20 % of a save's samples). ``ctypes.memmove`` is a foreign call, which releases it.
+    ``torch.save``'s tensor views are read-only, so their address comes from ``PyObject_GetBuffer`` (the caller's
+    memoryview keeps the memory alive during the copy).
+    """
+    try:  # private prototypes (PYFUNCTYPE: called with the GIL), not ctypes.pythonapi's shared attributes
+        api = ctypes.pythonapi
+        get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)(
+            ("PyObject_GetBuffer", api)
+        )
+        release = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(("PyBuffer_Release", api))
+    except (AttributeError, OSError):  # pragma: no cover - not CPython
+        return None
+    memmove = ctypes.memmove  # a foreign call: the GIL is released while it copies
+
+    def copy(dst: bytearray, offset: int, src: memoryview) -> None:
+        n = len(src)
+        if offset < 0 or offset + n > len(dst) or not src.c_contiguous:
+            raise ValueError("copy out of bounds or from a non-contiguous buffer")
+        target = (ctypes.c_char * n).from_buffer(dst, offset)  # an export: dst cannot be resized meanwhile
+        info = _PyBuffer()
+        if get_buffer(src, ctypes.byref(info), 0) != 0:  # PyBUF_SIMPLE: read-only is fine
+            raise BufferError("cannot read the buffer's address")
+        try:
+            memmove(target, info.buf, n)
+        finally:
+            release(ctypes.byref(info))
+            del target
+
+    return copy
+
+
+_gil_free_copy = _make_gil_free_copy()
 
 
 def choose_part_size(limits: StoreLimits, part_size: int, expected_size: int) -> int:
@@ -176,7 +239,10 @@ class PartWriter(io.RawIOBase):
                 self._buf = self._take_buffer()
                 self._fill = 0
             take = min(self._part_size - self._fill, total - pos)
-            self._buf[self._fill : self._fill + take] = view[pos : pos + take]
+            if take >= GIL_FREE_COPY_MIN and _gil_free_copy is not None:
+                _gil_free_copy(self._buf, self._fill, view[pos : pos + take])
+            else:
+                self._buf[self._fill : self._fill + take] = view[pos : pos + take]
             self._fill += take
             pos += take
             if self._fill == self._part_size:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import pickle
 
 import pytest
 import torch
@@ -22,15 +23,37 @@ def saved(obj) -> bytes:
     return buf.getvalue()
 
 
+def _plain_save(obj, *, zip_crc32: bool) -> bytes:
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(zip_crc32)
+    try:
+        plain = io.BytesIO()
+        torch.save(obj, plain)
+        return plain.getvalue()
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 def test_trailer_records_length_and_crc32c_of_the_torch_bytes():
     obj = {"w": torch.arange(1000.0)}
     data = saved(obj)
-    plain = io.BytesIO()
-    torch.save(obj, plain)
+    plain = io.BytesIO(_plain_save(obj, zip_crc32=False))  # ckptcloud's saves skip torch's zip CRC32s (the trailer)
     assert data[:-TRAILER_SIZE] == plain.getvalue()
     assert data[-TRAILER_SIZE:].startswith(TRAILER_MAGIC)
     assert int.from_bytes(data[-12:-4], "big") == len(plain.getvalue())
     assert serialization.crc32c(memoryview(plain.getvalue())) == int.from_bytes(data[-4:], "big")
+
+
+def test_zip_crc32_is_off_only_during_ckptcloud_saves_and_can_be_kept(monkeypatch):
+    obj = {"w": torch.arange(1000.0)}
+    assert torch.serialization.get_crc32_options() is True
+    saved(obj)
+    assert torch.serialization.get_crc32_options() is True  # the user's setting is back after the save
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        serialization.save({"f": lambda: 0}, io.BytesIO())  # torch.save fails before its first write
+    assert torch.serialization.get_crc32_options() is True
+    monkeypatch.setattr(serialization, "TORCH_ZIP_CRC32", True)
+    assert saved(obj)[:-TRAILER_SIZE] == _plain_save(obj, zip_crc32=True)  # byte for byte torch.save's output
 
 
 def test_files_with_a_trailer_still_load_with_plain_torch_load(tmp_path):
