@@ -127,9 +127,9 @@ class GCSSaver(RemoteSaver):
         store = GCSStore(client, bucket, upload=upload, kms_key_name=kms_key_name, encryption_key=encryption_key)
         if upload == "resumable":
             options.setdefault("max_concurrency", 2)  # one part in flight, one waiting: the stream never idles
-        elif "part_size" not in options and "max_concurrency" not in options:
-            # composite: 16 MiB x 8 (the same memory as 8 MiB x 16) keeps 32 parts, one compose level, to 512 MiB
-            options.update(part_size=GCS_COMPOSITE_PART_SIZE, max_concurrency=GCS_COMPOSITE_MAX_CONCURRENCY)
+        else:  # composite: 16 MiB x 8 (the memory of 8 MiB x 16) keeps 32 parts, one compose level, to 512 MiB
+            options.setdefault("part_size", GCS_COMPOSITE_PART_SIZE)
+            options.setdefault("max_concurrency", GCS_COMPOSITE_MAX_CONCURRENCY)
         super().__init__(store, prefix, **options)
 
 

@@ -137,3 +137,23 @@ def test_s3_saver_pools_enough_connections_for_its_loads():
     assert saver.store.client.meta.config.max_pool_connections >= saver.load_concurrency == 32
     saver = S3Saver("bucket", require_empty=False, max_concurrency=4, load_concurrency=2, **options)
     assert saver.store.client.meta.config.max_pool_connections >= 4
+
+
+def test_default_saves_upload_16_parts_of_8_mib_at_once():
+    saver = RemoteSaver(MemoryStore())
+    assert (saver.part_size, saver.max_concurrency, saver.load_concurrency) == (8 * MiB, 16, 32)
+
+
+def test_gcs_composite_saves_keep_16_mib_parts_8_at_once():
+    """Fewer, larger parts keep 32 parts (one compose level) up to 512 MiB; the same memory as 8 MiB x 16."""
+    from unittest import mock
+
+    from ckptcloud.savers import GCSSaver
+
+    options = {"client": mock.MagicMock(), "check_bucket": False, "require_empty": False}
+    composite = GCSSaver("bucket", **options)
+    assert (composite.part_size, composite.max_concurrency, composite.load_concurrency) == (16 * MiB, 8, 32)
+    chosen = GCSSaver("bucket", max_concurrency=4, **options)
+    assert (chosen.part_size, chosen.max_concurrency) == (16 * MiB, 4)
+    resumable = GCSSaver("bucket", upload="resumable", **options)
+    assert (resumable.part_size, resumable.max_concurrency) == (8 * MiB, 2)
