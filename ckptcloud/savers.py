@@ -99,6 +99,7 @@ class GCSSaver(RemoteSaver):
             ``save_on_rank``, ``tmp_dir``, ``retry``; any other keyword goes to ``torch.save``.
             Parts are 256 KiB to 5 GiB in multiples of 256 KiB, raised past 10,000 parts; composite uploads default
             to 16 MiB parts, 8 at once (fewer compose levels, so fewer soft-deleted bytes), resumable ones to 8 MiB.
+            ``load_concurrency`` defaults to ``max_concurrency`` here (the client's session pools 10 connections).
 
     Example:
         >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project", upload="resumable")  # doctest: +SKIP
@@ -130,6 +131,9 @@ class GCSSaver(RemoteSaver):
         else:  # composite: 16 MiB x 8 (the memory of 8 MiB x 16) keeps 32 parts, one compose level, to 512 MiB
             options.setdefault("part_size", GCS_COMPOSITE_PART_SIZE)
             options.setdefault("max_concurrency", GCS_COMPOSITE_MAX_CONCURRENCY)
+        # google-cloud-storage's session pools 10 connections per host: more threads would each open a connection
+        # and discard it with a warning. Loads keep max_concurrency ranges in flight, as before, unless told.
+        options.setdefault("load_concurrency", options["max_concurrency"])
         super().__init__(store, prefix, **options)
 
 

@@ -144,7 +144,7 @@ def test_default_saves_upload_16_parts_of_8_mib_at_once():
     assert (saver.part_size, saver.max_concurrency, saver.load_concurrency) == (8 * MiB, 16, 32)
 
 
-def test_gcs_composite_saves_keep_16_mib_parts_8_at_once():
+def test_gcs_saves_keep_16_mib_parts_8_at_once_and_loads_as_many_ranges():
     """Fewer, larger parts keep 32 parts (one compose level) up to 512 MiB; the same memory as 8 MiB x 16."""
     from unittest import mock
 
@@ -152,8 +152,9 @@ def test_gcs_composite_saves_keep_16_mib_parts_8_at_once():
 
     options = {"client": mock.MagicMock(), "check_bucket": False, "require_empty": False}
     composite = GCSSaver("bucket", **options)
-    assert (composite.part_size, composite.max_concurrency, composite.load_concurrency) == (16 * MiB, 8, 32)
+    assert (composite.part_size, composite.max_concurrency, composite.load_concurrency) == (16 * MiB, 8, 8)
     chosen = GCSSaver("bucket", max_concurrency=4, **options)
     assert (chosen.part_size, chosen.max_concurrency) == (16 * MiB, 4)
     resumable = GCSSaver("bucket", upload="resumable", **options)
-    assert (resumable.part_size, resumable.max_concurrency) == (8 * MiB, 2)
+    assert (resumable.part_size, resumable.max_concurrency, resumable.load_concurrency) == (8 * MiB, 2, 2)
+    assert GCSSaver("bucket", load_concurrency=24, **options).load_concurrency == 24
