@@ -204,7 +204,7 @@ def table(rounds: list[dict[str, Any]], labels: list[str], size: int, reference:
     def values(label: str, phase: str, field: str) -> list[float]:
         return [r[label][phase][field] for r in rounds if label in r and r[label][phase].get(field) is not None]
 
-    ref = {phase: statistics.median(values(reference, phase, "s")) for phase in ("save", "load")}
+    ref = {phase: statistics.median(values(reference, phase, "s") or [float("nan")]) for phase in ("save", "load")}
     for label in labels:
         cells = [label]
         for phase in ("save", "load"):

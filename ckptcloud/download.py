@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from typing import IO, Any
@@ -37,6 +38,10 @@ logger = logging.getLogger("ckptcloud")
 MIN_RANGE_SIZE = 8 * 1024 * 1024
 """The shortest range :func:`download_to_file` splits a download into (or ``part_size``, if smaller): each range
 costs a request and its round trip, and 8-16 MiB is where S3 reaches a connection's full speed."""
+
+NEARBY_SECONDS = 0.01
+"""A HEAD answered faster than this (10 ms) means a server on this host or LAN (the cloud's first requests take
+longer): see ``nearby_concurrency`` of :func:`download_to_file`."""
 
 TMP_DIR_HINT = "free space there, or pass tmp_dir= (or set TMPDIR) to a folder with room"
 """What :func:`download_to_file` suggests by default: its file is a load's temporary file."""
@@ -100,6 +105,7 @@ def download_to_file(
     retry: Retry | None = None,
     progress: Progress | None = None,
     space_hint: str = TMP_DIR_HINT,
+    nearby_concurrency: int | None = None,
 ) -> int:
     """Download ``key`` into the real file ``file`` (it needs a ``fileno``); returns the byte count.
 
@@ -113,6 +119,10 @@ def download_to_file(
     then counts from 0 again); if it is replaced again, :class:`~ckptcloud.errors.ObjectChangedError` is raised.
     The first failure, or Ctrl-C, stops every range at its next chunk and is raised once they have all stopped.
 
+    ``nearby_concurrency``: when given and the HEAD was answered within :data:`NEARBY_SECONDS` (a server on this
+    host or LAN, where a connection is not the bottleneck), at most this many ranges: more would only add threads
+    competing for the CPU (measured on loopback: 32 ranges took 1.3-1.8x the time of 8).
+
     Raises:
         LocalWriteError: ``file`` could not be written (full disk, quota, file-size limit, ...): "could not write
             the N-byte download of URL into FOLDER (No space left on device): " + ``space_hint``. Callers that
@@ -121,6 +131,7 @@ def download_to_file(
     retry = retry or Retry()
     fd = file.fileno()
     options: dict[str, Any] = {"part_size": part_size, "max_concurrency": max_concurrency, "retry": retry}
+    options["nearby_concurrency"] = nearby_concurrency
     options["local_error"] = lambda err, size: local_write_error(
         err, f"the {size}-byte download of {store.url(key)}", _folder_of(file, fd), space_hint
     )
@@ -147,10 +158,14 @@ def _download_version(
     retry: Retry,
     progress: Progress | None,
     local_error: Callable[[OSError, int], LocalWriteError],
+    nearby_concurrency: int | None,
 ) -> int:
     """One download attempt of the version ``head()`` returns now (see :func:`download_to_file`)."""
     url = store.url(key)
+    asked = time.monotonic()
     info = retry.call(lambda: store.head(key), f"reading the size of {url}")
+    if nearby_concurrency is not None and time.monotonic() - asked < NEARBY_SECONDS:
+        max_concurrency = min(max_concurrency, nearby_concurrency)
     size = info.size
     pin: dict[str, Any] = {"version": info.version} if info.version is not None else {}
     meter = Meter(progress, size)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
 
-from ckptcloud.download import MIN_RANGE_SIZE, download_to_file, split_ranges
+from ckptcloud.download import MIN_RANGE_SIZE, NEARBY_SECONDS, download_to_file, split_ranges
 from ckptcloud.remote import DEFAULT_LOAD_CONCURRENCY, MAX_CONCURRENCY_LIMIT, RemoteSaver
 from ckptcloud.stores.base import MiB
 from ckptcloud.stores.memory import MemoryStore
@@ -20,12 +21,17 @@ PART = 64 * 1024
 class RecordingStore(MemoryStore):
     """Records the most reads in flight at once; with ``barrier``, every read waits until that many are in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, head_seconds: float = 0.02) -> None:
         super().__init__("bucket", min_part_size=PART)
+        self.head_seconds = head_seconds  # 20 ms: a cloud server; under NEARBY_SECONDS: one on this host or LAN
         self.in_flight = 0
         self.max_in_flight = 0
         self.barrier: threading.Barrier | None = None
         self.gauge = threading.Lock()
+
+    def head(self, key):
+        time.sleep(self.head_seconds)
+        return super().head(key)
 
     def read(self, key, start=0, end=None, *, version=None):
         with self.gauge:
@@ -76,9 +82,26 @@ def test_default_load_concurrency_is_at_least_max_concurrency():
     assert torch.equal(_load_with_barrier(store, saver, 48)["w"], state["w"])
 
 
-@pytest.mark.parametrize("load_concurrency", [1, 4])
-def test_load_concurrency_sets_the_ranges_in_flight(load_concurrency):
-    store = RecordingStore()
+def test_default_load_keeps_8_ranges_in_flight_from_a_nearby_server():
+    store = RecordingStore(head_seconds=0)
+    saver, state = _saved(store)
+    assert torch.equal(_load_with_barrier(store, saver, 8)["w"], state["w"])
+    assert store.max_in_flight == 8
+    store = RecordingStore(head_seconds=0)
+    saver, state = _saved(store, max_concurrency=12)  # 8, as 0.1's default loads had, whatever saves use
+    assert torch.equal(_load_with_barrier(store, saver, 8)["w"], state["w"])
+    assert store.max_in_flight == 8
+
+
+def test_nearby_means_a_head_answered_within_10_ms():
+    assert NEARBY_SECONDS == 0.01
+    assert RecordingStore().head_seconds > NEARBY_SECONDS
+
+
+@pytest.mark.parametrize("head_seconds", [0, 0.02])
+@pytest.mark.parametrize("load_concurrency", [1, 4, 32])
+def test_load_concurrency_sets_the_ranges_in_flight(load_concurrency, head_seconds):
+    store = RecordingStore(head_seconds)  # a load_concurrency given is kept, also for a nearby server
     saver, state = _saved(store, load_concurrency=load_concurrency)
     before = store.requests.count("read")
     assert torch.equal(_load_with_barrier(store, saver, load_concurrency)["w"], state["w"])
