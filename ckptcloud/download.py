@@ -164,7 +164,8 @@ def _download_version(
     url = store.url(key)
     asked = time.monotonic()
     info = retry.call(lambda: store.head(key), f"reading the size of {url}")
-    if nearby_concurrency is not None and time.monotonic() - asked < NEARBY_SECONDS:
+    answered = time.monotonic()
+    if nearby_concurrency is not None and answered - asked < NEARBY_SECONDS:
         max_concurrency = min(max_concurrency, nearby_concurrency)
     size = info.size
     pin: dict[str, Any] = {"version": info.version} if info.version is not None else {}
@@ -174,6 +175,7 @@ def _download_version(
     except OSError as err:
         raise local_error(err, size) from err
     ranges = split_ranges(size, part_size, max_concurrency)
+    logger.debug("loading %s: HEAD answered in %.1f ms; %d range(s)", url, (answered - asked) * 1000, len(ranges))
     cancel = threading.Event()
     failures: list[BaseException] = []
     lock = threading.Lock()
