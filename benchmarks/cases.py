@@ -64,7 +64,11 @@ class _Stateful:
 def _saver(spec: dict) -> Any:
     from ckptcloud.savers import AzureBlobSaver, GCSSaver, S3Saver
 
-    options = {"require_empty": False, "max_concurrency": spec["concurrency"]}
+    options: dict[str, Any] = {"require_empty": False}
+    for name, field in (("max_concurrency", "concurrency"), ("load_concurrency", "load_concurrency"),
+                        ("part_size", "part_size")):  # fmt: skip
+        if spec.get(field) is not None:  # absent or None: the saver's default (benchmarks/wan.py's "defaults")
+            options[name] = spec[field]
     store, bucket = spec["store"], spec["bucket"]
     if store == "s3":  # the saver's own client (its checksum and signing settings are part of what is measured)
         return S3Saver(bucket, "bench", endpoint_url=spec["endpoint"], region_name="us-east-1", **options)
@@ -183,7 +187,8 @@ def fsspec_load(spec: dict, fs: Any, key: str) -> Any:
 def _s3torch(spec: dict) -> Any:
     from s3torchconnector import S3Checkpoint, S3ClientConfig
 
-    config = S3ClientConfig(force_path_style=True)  # it ignores AWS_ENDPOINT_URL_S3: pass endpoint=
+    # it ignores AWS_ENDPOINT_URL_S3: pass endpoint=; spec["s3torch"]: other S3ClientConfig fields (benchmarks/wan.py)
+    config = S3ClientConfig(force_path_style=True, **spec.get("s3torch", {}))
     return S3Checkpoint(region="us-east-1", endpoint=spec["endpoint"], s3client_config=config)
 
 

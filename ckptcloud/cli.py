@@ -124,7 +124,7 @@ def _download(saver: Any, name: str, file: IO[bytes], bar: _Bar) -> int:
         with open(saver.dirname / name, "rb") as src:
             size = _copy(src, file, bar)
     else:
-        options = {"part_size": saver.part_size, "max_concurrency": saver.max_concurrency, "retry": saver.retry}
+        options = {"part_size": saver.part_size, "max_concurrency": saver.load_concurrency, "retry": saver.retry}
         size = download_to_file(saver.store, saver.key(name), file, progress=bar, **options)
         size = rebuild_if_manifest(saver, name, file, bar) or size  # a dedup manifest -> a normal torch.save file
     bar.close()

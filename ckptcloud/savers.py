@@ -10,10 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ckptcloud.remote import DEFAULT_MAX_CONCURRENCY, RemoteSaver, check_bucket_name
+from ckptcloud.remote import (
+    DEFAULT_MAX_CONCURRENCY,
+    RemoteSaver,
+    check_bucket_name,
+    check_concurrency,
+    resolve_load_concurrency,
+)
 from ckptcloud.stores.azure import AzureBlobStore, make_container_client
+from ckptcloud.stores.base import MiB
 from ckptcloud.stores.gcs import GCSStore
 from ckptcloud.stores.s3 import S3Store, make_s3_client
+
+GCS_COMPOSITE_PART_SIZE = 16 * MiB
+GCS_COMPOSITE_MAX_CONCURRENCY = 8
 
 
 class S3Saver(RemoteSaver):
@@ -34,10 +44,11 @@ class S3Saver(RemoteSaver):
             ``ExpectedBucketOwner`` with every request). Keys ckptcloud sets itself (``Metadata``, ``Checksum*``,
             ...) raise ``ValueError`` here.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``load_concurrency``
+            (ranged GETs per load, default ``max(32, max_concurrency)``; no memory per range), ``require_empty``,
             ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed saves: see
             :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
-            Parts are 5 MiB to 5 GiB (default 16 MiB), raised automatically past 10,000 parts.
+            Parts are 5 MiB to 5 GiB (default 8 MiB, 16 at once), raised automatically past 10,000 parts.
 
     Example:
         >>> saver = S3Saver("my-bucket", "runs/42", endpoint_url="http://127.0.0.1:9000")  # doctest: +SKIP
@@ -57,7 +68,7 @@ class S3Saver(RemoteSaver):
     ) -> None:
         check_bucket_name(bucket)
         if client is None:
-            concurrency = options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+            concurrency = _connections(options)
             client = make_s3_client(endpoint_url=endpoint_url, region_name=region_name, max_concurrency=concurrency)
         super().__init__(S3Store(client, bucket, extra_args=extra_args), prefix, **options)
 
@@ -84,10 +95,13 @@ class GCSSaver(RemoteSaver):
         encryption_key: a customer-supplied AES-256 key (32 bytes) for every object written and read; GCS keeps
             only its hash, so a lost key is lost data. Not with ``kms_key_name``.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``load_concurrency``
+            (ranged GETs per load, default ``max(32, max_concurrency)``; no memory per range), ``require_empty``,
             ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed saves: see
             :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
-            Parts are 256 KiB to 5 GiB in multiples of 256 KiB (default 16 MiB), raised past 10,000 parts.
+            Parts are 256 KiB to 5 GiB in multiples of 256 KiB, raised past 10,000 parts; composite uploads default
+            to 16 MiB parts, 8 at once (fewer compose levels, so fewer soft-deleted bytes), resumable ones to 8 MiB.
+            ``load_concurrency`` defaults to ``max_concurrency`` here (the client's session pools 10 connections).
 
     Example:
         >>> saver = GCSSaver("my-bucket", "runs/42", project="my-project", upload="resumable")  # doctest: +SKIP
@@ -116,6 +130,12 @@ class GCSSaver(RemoteSaver):
         store = GCSStore(client, bucket, upload=upload, kms_key_name=kms_key_name, encryption_key=encryption_key)
         if upload == "resumable":
             options.setdefault("max_concurrency", 2)  # one part in flight, one waiting: the stream never idles
+        else:  # composite: 16 MiB x 8 (the memory of 8 MiB x 16) keeps 32 parts, one compose level, to 512 MiB
+            options.setdefault("part_size", GCS_COMPOSITE_PART_SIZE)
+            options.setdefault("max_concurrency", GCS_COMPOSITE_MAX_CONCURRENCY)
+        # google-cloud-storage's session pools 10 connections per host: more threads would each open a connection
+        # and discard it with a warning. Loads keep max_concurrency ranges in flight, as before, unless told.
+        options.setdefault("load_concurrency", options["max_concurrency"])
         super().__init__(store, prefix, **options)
 
 
@@ -138,10 +158,11 @@ class AzureBlobSaver(RemoteSaver):
         cpk: a customer-provided key, ``azure.storage.blob.CustomerProvidedEncryptionKey(key_value, key_hash)``,
             sent with every write and read (the SDK sends it over HTTPS only). Not both.
         **options: the pipeline's options, passed to :class:`~ckptcloud.remote.RemoteSaver`: ``part_size``,
-            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``require_empty``,
-            ``check_bucket``, ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace`` (content-addressed
-            saves: see :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
-            Blocks are 1 MiB to 4000 MiB (default 16 MiB), raised automatically past 50,000 blocks.
+            ``max_concurrency`` (peak extra memory is ``(max_concurrency + 1) * part_size``), ``load_concurrency``
+            (ranged GETs per load, default ``max(32, max_concurrency)``; no memory per range), ``require_empty``,
+            ``check_bucket``, ``save_on_rank``, ``tmp_dir``, ``retry``, ``dedup``, ``dedup_grace``
+            (content-addressed saves: see :mod:`ckptcloud.dedup`); any other keyword goes to ``torch.save``.
+            Blocks are 1 MiB to 4000 MiB (default 8 MiB, 16 at once), raised automatically past 50,000 blocks.
 
     Example:
         >>> saver = AzureBlobSaver("ckpts", "runs/42", connection_string=conn_str)  # doctest: +SKIP
@@ -170,7 +191,7 @@ class AzureBlobSaver(RemoteSaver):
                 account_url,
                 credential,
                 api_version,
-                options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY),
+                _connections(options),
             )
         elif container_client.container_name != container:
             raise ValueError(
@@ -178,3 +199,9 @@ class AzureBlobSaver(RemoteSaver):
             )
         store = AzureBlobStore(container_client, encryption_scope=encryption_scope, cpk=cpk)
         super().__init__(store, prefix, **options)
+
+
+def _connections(options: dict[str, Any]) -> int:
+    """The most requests a saver with ``options`` sends at once (saves or loads): what its own pool must hold."""
+    concurrency = check_concurrency(options.get("max_concurrency", DEFAULT_MAX_CONCURRENCY), "max_concurrency")
+    return max(concurrency, resolve_load_concurrency(options.get("load_concurrency"), concurrency))

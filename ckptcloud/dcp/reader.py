@@ -132,8 +132,8 @@ class CloudStorageReader(StorageReader):
             you trust; a custom planner's data may need it). By default only the classes DCP metadata is made of
             are rebuilt, and every non-tensor item must load with ``torch.load(weights_only=True)`` before DCP's
             planner unpickles it (DCP's default planner itself loads them with ``weights_only=False``).
-        **options: ``part_size`` (the longest coalesced read; default 16 MiB), ``max_concurrency`` (ranged GETs at
-            once; default 8), ``retry``, ``progress``, and the client/credential arguments of the scheme's saver.
+        **options: ``part_size`` (the longest coalesced read; default 8 MiB), ``max_concurrency`` (ranged GETs at
+            once; default 16), ``retry``, ``progress``, and the client/credential arguments of the scheme's saver.
 
     Example:
         >>> import tempfile, torch, torch.distributed.checkpoint as dcp

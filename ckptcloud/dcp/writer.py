@@ -122,7 +122,7 @@ class CloudStorageWriter(StorageWriter):
             ``file:///abs/folder``. Written once: saving again to a committed folder raises
             :class:`CheckpointExistsError`. ``dcp.save(checkpoint_id=other_url, storage_writer=writer)`` saves to
             another folder of the same bucket with the same client.
-        **options: the pipeline's ``part_size`` (default 16 MiB), ``max_concurrency`` (default 8: peak extra memory
+        **options: the pipeline's ``part_size`` (default 8 MiB), ``max_concurrency`` (default 16: peak extra memory
             per rank is ``(max_concurrency + 1) * part_size``), ``retry``, ``progress`` (per rank), and the
             client/credential arguments of the scheme's saver (``endpoint_url=``, ``connection_string=``,
             ``client=``, ...: see :class:`~ckptcloud.S3Saver`, :class:`~ckptcloud.GCSSaver`,

@@ -213,7 +213,7 @@ class CloudCheckpointIO(CheckpointIO):
 
         Example:
             >>> CloudCheckpointIO(endpoint_url="http://127.0.0.1:9000").saver_for("s3://b/run/x.ckpt")
-            S3Saver(url='s3://b/', part_size=16777216, max_concurrency=8, save_on_rank=0)
+            S3Saver(url='s3://b/', part_size=8388608, max_concurrency=16, save_on_rank=0)
         """
         target = _remote(url)
         if target is None:

@@ -244,7 +244,7 @@ class ObjectStoreFileSystem(AbstractFileSystem):
                     key,
                     file,
                     part_size=saver.part_size,
-                    max_concurrency=saver.max_concurrency,
+                    max_concurrency=saver.load_concurrency,
                     retry=saver.retry,
                 )
                 file.seek(0)
