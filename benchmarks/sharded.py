@@ -4,7 +4,7 @@ s3torchconnector's, DCP's fsspec one over s3fs, and ckptcloud's single file thro
 Every case starts ``world`` fresh rank processes, torchrun style (gloo on CPU, a free port), against one SeaweedFS
 started here; each rank holds its ``1/world`` share of the state (128 MiB float32 ``DTensor``s sharded on dim 0),
 saves it and loads it back (:mod:`sharded_cases`). Rounds go round-robin over the methods; the report gives medians
-with min–max and ratios to the best method. Needs ``.venv`` (``bash scripts/bootstrap.sh dev,bench``) and, for the
+with min-max and ratios to the best method. Needs ``.venv`` (``bash scripts/bootstrap.sh dev,bench``) and, for the
 fsspec method, ``.venv-fsspec`` (``CKPTCLOUD_VENV=.venv-fsspec bash scripts/bootstrap.sh bench-fsspec``)::
 
     .venv/bin/python benchmarks/sharded.py                    # 1 GiB x3 rounds, 4 GiB x1, worlds 2 and 4 (~20 min)
@@ -41,7 +41,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
 
@@ -82,7 +81,7 @@ def run_case(spec: dict, python: str, world: int, timeout: float) -> list[dict]:
                 env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                        "PYTHONPATH": str(ROOT)}  # fmt: skip
-                log = open(Path(out) / f"rank{rank}.log", "w+b")  # noqa: SIM115 (closed below)
+                log = open(Path(out) / f"rank{rank}.log", "w+b")
                 logs.append(log)
                 processes.append(subprocess.Popen([python, str(WORKER), json.dumps(spec)], env=env, stdout=log,
                                                   stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
@@ -179,11 +178,11 @@ def _cell(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
     median, low, high = stat["median"] / scale, stat["min"] / scale, stat["max"] / scale
     if stat["n"] == 1:
         return f"{median:.{digits}f}"
-    return f"{median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
 
 def _ratio(stat: dict, best: dict, lower_is_better: bool = True) -> str:
-    """The median's ratio to the best method's median; "within noise" when the min–max ranges overlap."""
+    """The median's ratio to the best method's median; "within noise" when the min-max ranges overlap."""
     if stat is best:
         return "best"
     ratio = stat["median"] / best["median"] if best["median"] else float("inf")
@@ -192,9 +191,9 @@ def _ratio(stat: dict, best: dict, lower_is_better: bool = True) -> str:
 
 
 def table(runs: dict, counts: dict, methods: list[str], configs: list[tuple[int, int]]) -> str:
-    """The markdown table: per config and method, medians (min–max) and ratios to the best method."""
+    """The markdown table: per config and method, medians (min-max) and ratios to the best method."""
     head = ("| world | size | method | rounds | save s | save vs best | load s | load vs best | save peak extra MiB "
-            "| load peak extra MiB | save CPU s | load CPU s | requests (1 GiB pass) |")  # fmt: skip
+            "| load peak extra MiB | save CPU s | load CPU s | requests, save + load (count pass) |")  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for size, world in configs:
         stats: dict = {}
@@ -207,8 +206,8 @@ def table(runs: dict, counts: dict, methods: list[str], configs: list[tuple[int,
             continue
         best = {phase: min((s[f"{phase}.s"] for s in stats.values()), key=lambda s: s["median"]) for phase in PHASES}
         for method, s in stats.items():
-            count = counts.get(f"{method}|{world}")
-            requests = ", ".join(f"{verb} {n}" for verb, n in sorted(count.items())) if count else "–"
+            count = counts.get(f"{method}|{world}") if size == min(c[0] for c in configs) else None
+            requests = ", ".join(f"{verb} {n}" for verb, n in sorted(count.items())) if count else "-"
             lines.append(
                 f"| {world} | {size / 1024:g} GiB | {method} | {s['save.s']['n']} | {_cell(s['save.s'])} | "
                 f"{_ratio(s['save.s'], best['save'])} | {_cell(s['load.s'])} | {_ratio(s['load.s'], best['load'])} | "
@@ -216,6 +215,40 @@ def table(runs: dict, counts: dict, methods: list[str], configs: list[tuple[int,
                 f"{_cell(s['load.cpu'], 1, 1)} | {requests} |"
             )
     return "\n".join(lines)
+
+
+def write_report(args: argparse.Namespace, info: dict, runs: dict, counts: dict, done: bool) -> str:
+    """Write ``sharded.md`` and ``sharded.json`` into ``args.out`` (also after every case: a cut run keeps its data)."""
+    stamp, machine, rounds, methods, configs, minutes = (info[k] for k in ("stamp", "machine", "rounds", "methods",
+                                                                         "configs", "minutes"))  # fmt: skip
+    count_size = min(rounds)
+    notes = [
+        f"Measured {stamp} on {machine} (shared, noisy: read ratios and ranges, not absolute seconds); SeaweedFS "
+        f"(`weed mini`) on loopback; gloo on CPU, one process per rank, `OMP_NUM_THREADS=1`; the run took "
+        f"{minutes:.1f} min{'' if done else ' so far (cut short: partial)'}. Rounds per size: "
+        + ", ".join(f"{size / 1024:g} GiB x {n}" for size, n in rounds.items())
+        + " (round-robin over the methods; sizes over 1 GiB get one round by default to fit the run in ~20 min on "
+        "2 cores: their cells have no range).",
+        "",
+        "Cells: median (min-max) over rounds. Seconds: wall, max over ranks, from a barrier to the end of the "
+        "operation on every rank. Peak extra: max over ranks of VmHWM minus RSS just before the operation (the "
+        "state, or for loads the zeroed tensors loaded into, already built). CPU: user+system seconds summed over "
+        "ranks (the clients' threads included, the server's not). \"vs best\": the median's ratio to the best "
+        'median of that world and size; "within noise" when the min-max ranges overlap.',
+        "",
+        f"Requests: a separate untimed pass at {count_size / 1024:g} GiB, one run per method and world, every request "
+        "through a counting proxy; the save and the load together.",
+        "",
+    ]
+    text = "\n".join(["## Sharded checkpoints (DCP) on S3: SeaweedFS", "", *notes,
+                      table(runs, counts, methods, configs), ""])  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sharded.md").write_text(text)
+    raw = {"when": stamp, "machine": machine, "minutes": minutes, "complete": done,
+           "rounds": {str(k): v for k, v in rounds.items()}, "methods": methods, "runs": runs,
+           "requests": counts}  # fmt: skip
+    (args.out / "sharded.json").write_text(json.dumps(raw, indent=1))
+    return text
 
 
 def main() -> int:
@@ -252,59 +285,40 @@ def main() -> int:
 
     from ckptcloud.testing import servers
 
+    info = {"stamp": stamp, "machine": machine, "rounds": rounds, "methods": methods, "configs": configs}
+
     started = time.monotonic()
     server = servers.start_seaweedfs()
     runs: dict = collections.defaultdict(list)
     counts: dict = {}
+    counted = args.no_count
     try:
         bench = Bench(server.endpoint, args)
         bench.client.put_object(Bucket=bench.bucket, Key="warm-up", Body=b"x" * MiB)  # SeaweedFS makes its volumes
-        for round_ in range(max(rounds.values())):
-            for size, world in configs:
-                if round_ >= rounds[size]:
-                    continue
-                shift = round_ % len(methods)  # round-robin, each round starting one method later
-                for method in methods[shift:] + methods[:shift]:
-                    result = summarize(bench.case(method, world, size))
-                    runs[f"{method}|{world}|{size}"].append(result)
-                    s, l_ = result["save"], result["load"]
-                    print(f"  round {round_ + 1} world {world} {size:>5} MiB {method:>16}: save {s['s']:6.2f} s "
-                          f"(+{s['extra'] / MiB:5.0f} MiB, cpu {s['cpu']:5.1f} s)  load {l_['s']:6.2f} s "
-                          f"(+{l_['extra'] / MiB:5.0f} MiB, cpu {l_['cpu']:5.1f} s)", flush=True)  # fmt: skip
-        if not args.no_count:
+        for size, round_, world in [(z, r, w) for z in sizes for r in range(rounds[z]) for w in worlds]:
+            # sizes in turn (1 GiB's rounds first); each round goes over the methods, starting one later each round
+            if size > min(sizes) and not counted:  # the request count (smallest size) before the big, slow cases
+                counts, counted = count_requests(bench, server.port, methods, worlds, min(sizes)), True
+                write_report(args, info, runs, counts, done=False)
+            shift = round_ % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                result = summarize(bench.case(method, world, size))
+                runs[f"{method}|{world}|{size}"].append(result)
+                s, l_ = result["save"], result["load"]
+                print(f"  round {round_ + 1} world {world} {size:>5} MiB {method:>16}: save {s['s']:6.2f} s "
+                      f"(+{s['extra'] / MiB:5.0f} MiB, cpu {s['cpu']:5.1f} s)  load {l_['s']:6.2f} s "
+                      f"(+{l_['extra'] / MiB:5.0f} MiB, cpu {l_['cpu']:5.1f} s)", flush=True)  # fmt: skip
+                info["minutes"] = (time.monotonic() - started) / 60
+                write_report(args, info, runs, counts, done=False)
+        if not counted:
             counts = count_requests(bench, server.port, methods, worlds, min(sizes))
     finally:
         server.stop()
-    minutes = (time.monotonic() - started) / 60
-
-    count_size = min(sizes)
-    notes = [
-        f"Measured {stamp} on {machine} (shared, noisy: read ratios and ranges, not absolute seconds); SeaweedFS "
-        f"(`weed mini`) on loopback; gloo on CPU, one process per rank, `OMP_NUM_THREADS=1`; the run took "
-        f"{minutes:.1f} min. Rounds per size: "
-        + ", ".join(f"{size / 1024:g} GiB × {n}" for size, n in rounds.items())
-        + " (round-robin over the methods; 4 GiB gets one round by default to fit ~20 min on 2 cores: its cells "
-        "have no range).",
-        "",
-        "Cells: median (min–max) over rounds. Seconds: wall, max over ranks, from a barrier to the end of the "
-        "operation on every rank. Peak extra: max over ranks of VmHWM minus RSS just before the operation (the "
-        "state, or for loads the zeroed tensors loaded into, already built). CPU: user+system seconds summed over "
-        "ranks (the clients' threads included, the server's not). \"vs best\": the median's ratio to the best "
-        "median of that world and size; \"within noise\" when the min–max ranges overlap.",
-        "",
-        f"Requests: a separate untimed pass at {count_size / 1024:g} GiB, one run per method and world, every request "
-        "through a counting proxy; the save and the load together.",
-        "",
-    ]
-    text = "\n".join(["## Sharded checkpoints (DCP) on S3: SeaweedFS", "", *notes,
-                      table(runs, counts, methods, configs), ""])  # fmt: skip
+    info["minutes"] = (time.monotonic() - started) / 60
+    text = write_report(args, info, runs, counts, done=True)
     print()
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sharded.md").write_text(text)
-    raw = {"when": stamp, "machine": machine, "minutes": minutes, "rounds": {str(k): v for k, v in rounds.items()},
-           "methods": methods, "runs": runs, "requests": counts}  # fmt: skip
-    (args.out / "sharded.json").write_text(json.dumps(raw, indent=1))
+
     print(f"\nwrote {args.out}/sharded.md, sharded.json")
     return 0
 

@@ -96,7 +96,7 @@ def _dcp_writer_reader(spec: dict, url: str) -> tuple[Any, Any]:
         reader.fs = S3FileSystem("us-east-1", s3_client=client, reader_constructor=reader._reader_constructor)
         return writer, reader
     if method == "fsspec":
-        from torch.distributed.checkpoint import FsspecReader, FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
         options = {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
         return FsspecWriter(url, **options), FsspecReader(url, **options)
