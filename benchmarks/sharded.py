@@ -217,6 +217,30 @@ def table(runs: dict, counts: dict, methods: list[str], configs: list[tuple[int,
     return "\n".join(lines)
 
 
+ALTERNATIVES = ("s3torchconnector", "fsspec")  # the other DCP storage layers
+
+
+def versus_alternatives(runs: dict, methods: list[str], configs: list[tuple[int, int]]) -> str:
+    """ckptcloud's DCP writer/reader against the best alternative DCP storage layer, per world and size."""
+    others = [m for m in ALTERNATIVES if m in methods]
+    if "ckptcloud" not in methods or not others:
+        return ""
+    head = "| world | size | save: ckptcloud / best alternative | load: ckptcloud / best alternative |"
+    lines = [head, "|---|---|---|---|"]
+    for size, world in configs:
+        cells = []
+        for phase in PHASES:
+            stats = {m: _stats([r[phase]["s"] for r in runs.get(f"{m}|{world}|{size}", [])])
+                     for m in ["ckptcloud", *others] if runs.get(f"{m}|{world}|{size}")}  # fmt: skip
+            if "ckptcloud" not in stats or len(stats) < 2:
+                cells.append("-")
+                continue
+            best = min((m for m in stats if m != "ckptcloud"), key=lambda m: stats[m]["median"])
+            cells.append(f"{_ratio(stats['ckptcloud'], stats[best])} ({best})")
+        lines.append(f"| {world} | {size / 1024:g} GiB | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def write_report(args: argparse.Namespace, info: dict, runs: dict, counts: dict, done: bool) -> str:
     """Write ``sharded.md`` and ``sharded.json`` into ``args.out`` (also after every case: a cut run keeps its data)."""
     stamp, machine, rounds, methods, configs, minutes = (info[k] for k in ("stamp", "machine", "rounds", "methods",
@@ -240,8 +264,11 @@ def write_report(args: argparse.Namespace, info: dict, runs: dict, counts: dict,
         "through a counting proxy; the save and the load together.",
         "",
     ]
+    versus = versus_alternatives(runs, methods, configs)
     text = "\n".join(["## Sharded checkpoints (DCP) on S3: SeaweedFS", "", *notes,
-                      table(runs, counts, methods, configs), ""])  # fmt: skip
+                      table(runs, counts, methods, configs), "",
+                      *(["ckptcloud (DCP) against the best other DCP storage layer, ratio of medians (< 1: "
+                         "ckptcloud faster):", "", versus, ""] if versus else [])])  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sharded.md").write_text(text)
     raw = {"when": stamp, "machine": machine, "minutes": minutes, "complete": done,
@@ -263,7 +290,15 @@ def main() -> int:
                         help="python with torch and s3fs, for the fsspec ranks")  # fmt: skip
     parser.add_argument("--no-count", action="store_true", help="skip the request-count pass")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for sharded.md/json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite sharded.md from --out's sharded.json")
     args = parser.parse_args()
+    if args.report_only:
+        raw = json.loads((args.out / "sharded.json").read_text())
+        keys = [key.split("|") for key in raw["runs"]]
+        info = {**raw, "stamp": raw["when"], "rounds": {int(k): v for k, v in raw["rounds"].items()},
+                "configs": sorted({(int(size), int(world)) for _, world, size in keys})}  # fmt: skip
+        print(write_report(args, info, raw["runs"], raw["requests"], done=raw.get("complete", True)))
+        return 0
     if args.quick:
         args.sizes, args.worlds, args.rounds, args.big_rounds, args.no_count = "1024", "2", 1, 1, True
     for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
