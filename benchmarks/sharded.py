@@ -102,6 +102,9 @@ def run_case(spec: dict, python: str, world: int, timeout: float) -> list[dict]:
             result = json.loads(path.read_text()) if path.exists() else {"crash": f"exit {process.returncode}"}
             if "crash" in result or process.returncode != 0:
                 errors.append(f"rank {rank} (exit {process.returncode}): {result.get('crash', '')}\n{text[-2000:]}")
+            noted = [line for line in text.splitlines() if "WARNING" in line or "etry" in line or "rror" in line]
+            if noted:  # retries and warnings: what explains an outlier (kept in sharded.json)
+                result["log"] = noted[-20:]
             results.append(result)
         if errors:
             raise RuntimeError(f"{spec['method']} world {world} {spec['size']} MiB failed:\n" + "\n".join(errors))
@@ -110,7 +113,7 @@ def run_case(spec: dict, python: str, world: int, timeout: float) -> list[dict]:
 
 def summarize(results: list[dict]) -> dict:
     """One case from its ranks: seconds and peak extra memory are the max over ranks, CPU seconds the sum."""
-    return {
+    summary: dict = {
         phase: {
             "s": max(r[phase]["s"] for r in results),
             "extra": max(r[phase]["extra"] for r in results),
@@ -118,6 +121,10 @@ def summarize(results: list[dict]) -> dict:
         }
         for phase in PHASES
     }
+    log = [f"rank {rank}: {line}" for rank, r in enumerate(results) for line in r.get("log", [])]
+    if log:
+        summary["log"] = log
+    return summary
 
 
 class Bench:
