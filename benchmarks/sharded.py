@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -40,7 +41,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ckptcloud from this checkout
 
@@ -270,6 +273,7 @@ def write_report(args: argparse.Namespace, info: dict, runs: dict, counts: dict,
         f"Requests: a separate untimed pass at {count_size / 1024:g} GiB, one run per method and world, every request "
         "through a counting proxy; the save and the load together.",
         "",
+        *([info["note"], ""] if info.get("note") else []),
     ]
     versus = versus_alternatives(runs, methods, configs)
     text = "\n".join(["## Sharded checkpoints (DCP) on S3: SeaweedFS", "", *notes,
@@ -280,9 +284,21 @@ def write_report(args: argparse.Namespace, info: dict, runs: dict, counts: dict,
     (args.out / "sharded.md").write_text(text)
     raw = {"when": stamp, "machine": machine, "minutes": minutes, "complete": done,
            "rounds": {str(k): v for k, v in rounds.items()}, "methods": methods, "runs": runs,
-           "requests": counts}  # fmt: skip
+           "requests": counts, **({"note": info["note"]} if info.get("note") else {})}  # fmt: skip
     (args.out / "sharded.json").write_text(json.dumps(raw, indent=1))
     return text
+
+
+@contextlib.contextmanager
+def fresh_bench(servers: Any, args: argparse.Namespace) -> Iterator[tuple[Any, Bench]]:
+    """A SeaweedFS started for the block (its volumes made by a first write, untimed), and its :class:`Bench`."""
+    server = servers.start_seaweedfs()
+    try:
+        bench = Bench(server.endpoint, args)
+        bench.client.put_object(Bucket=bench.bucket, Key="warm-up", Body=b"x" * MiB)
+        yield server, bench
+    finally:
+        server.stop()
 
 
 def main() -> int:
@@ -330,18 +346,13 @@ def main() -> int:
     info = {"stamp": stamp, "machine": machine, "rounds": rounds, "methods": methods, "configs": configs}
 
     started = time.monotonic()
-    server = servers.start_seaweedfs()
     runs: dict = collections.defaultdict(list)
     counts: dict = {}
-    counted = args.no_count
-    try:
-        bench = Bench(server.endpoint, args)
-        bench.client.put_object(Bucket=bench.bucket, Key="warm-up", Body=b"x" * MiB)  # SeaweedFS makes its volumes
-        for size, round_, world in [(z, r, w) for z in sizes for r in range(rounds[z]) for w in worlds]:
-            # sizes in turn (1 GiB's rounds first); each round goes over the methods, starting one later each round
-            if size > min(sizes) and not counted:  # the request count (smallest size) before the big, slow cases
-                counts, counted = count_requests(bench, server.port, methods, worlds, min(sizes)), True
-                write_report(args, info, runs, counts, done=False)
+    # sizes in turn (1 GiB's rounds first); each round goes over the methods, starting one later each round. A
+    # fresh SeaweedFS per (size, round, world): its RSS grows with what it has stored (7 GB after ~25 GiB written
+    # and deleted here, when the kernel's OOM killer ended it), so no server outlives 4 cases
+    for size, round_, world in [(z, r, w) for z in sizes for r in range(rounds[z]) for w in worlds]:
+        with fresh_bench(servers, args) as (server, bench):
             shift = round_ % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 result = summarize(bench.case(method, world, size))
@@ -352,10 +363,10 @@ def main() -> int:
                       f"(+{l_['extra'] / MiB:5.0f} MiB, cpu {l_['cpu']:5.1f} s)", flush=True)  # fmt: skip
                 info["minutes"] = (time.monotonic() - started) / 60
                 write_report(args, info, runs, counts, done=False)
-        if not counted:
-            counts = count_requests(bench, server.port, methods, worlds, min(sizes))
-    finally:
-        server.stop()
+    if not args.no_count:
+        for world in worlds:
+            with fresh_bench(servers, args) as (server, bench):
+                counts.update(count_requests(bench, server.port, methods, [world], min(sizes)))
     info["minutes"] = (time.monotonic() - started) / 60
     text = write_report(args, info, runs, counts, done=True)
     print()
