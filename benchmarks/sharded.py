@@ -1,15 +1,22 @@
 """Sharded checkpoints (torch.distributed.checkpoint) on S3, side by side: ckptcloud's DCP writer/reader,
 s3torchconnector's, DCP's fsspec one over s3fs, and ckptcloud's single file through rank 0.
 
-Every case starts ``world`` fresh rank processes, torchrun style (gloo on CPU, a free port), against one SeaweedFS
-started here; each rank holds its ``1/world`` share of the state (128 MiB float32 ``DTensor``s sharded on dim 0),
-saves it and loads it back (:mod:`sharded_cases`). Rounds go round-robin over the methods; the report gives medians
-with min-max and ratios to the best method. Needs ``.venv`` (``bash scripts/bootstrap.sh dev,bench``) and, for the
-fsspec method, ``.venv-fsspec`` (``CKPTCLOUD_VENV=.venv-fsspec bash scripts/bootstrap.sh bench-fsspec``)::
+Every case starts ``world`` fresh rank processes, torchrun style (gloo on CPU, a free port), against a SeaweedFS
+started here (a fresh one per size, round and world: 4 cases); each rank holds its ``1/world`` share of the state
+(128 MiB float32 ``DTensor``s sharded on dim 0), saves it and loads it back (:mod:`sharded_cases`). Rounds go
+round-robin over the methods; the report gives medians with min-max and ratios to the best method. Needs ``.venv``
+(``bash scripts/bootstrap.sh dev,bench``) and, for the fsspec method, ``.venv-fsspec``
+(``CKPTCLOUD_VENV=.venv-fsspec bash scripts/bootstrap.sh bench-fsspec``)::
 
-    .venv/bin/python benchmarks/sharded.py                    # 1 GiB x3 rounds, 4 GiB x1, worlds 2 and 4 (~20 min)
+    .venv/bin/python benchmarks/sharded.py --out docs/benchmarks   # 1 GiB x3 rounds, 4 GiB x1, worlds 2 and 4 (~40 min)
+    .venv/bin/python benchmarks/sharded.py --sizes 1024 --no-count   # the 1 GiB rounds only (~20 min)
     .venv/bin/python benchmarks/sharded.py --quick            # smoke: 1 GiB, world 2, 1 round, no request count
     .venv/bin/python benchmarks/sharded.py --sizes 1024 --worlds 4 --rounds 5 --methods ckptcloud,fsspec
+    .venv/bin/python benchmarks/sharded.py --report-only --out docs/benchmarks   # re-render sharded.md
+
+Time on the shared 2-core machine here (load average 9-13 from other jobs): ~40-45 s per 1 GiB case (a save and a
+load of every rank; 24 cases), ~80 s per 4 GiB case (8 cases, one round), ~50 s per request count (8): about 40 min
+in all, so 4 GiB gets one round by default (``--big-rounds``) and has no min-max range.
 
 Methods (clients made before the clock starts; library defaults otherwise):
 
