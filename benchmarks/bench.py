@@ -4,9 +4,9 @@ Each case runs in a fresh subprocess (:mod:`cases`) so peak memory is honest; al
 emulator, started here, in one run, and the tables print ratios to ckptcloud (shared, noisy machines: trust
 ratios, not absolute seconds). ``bash scripts/bench.sh`` installs what this needs and runs everything (~15 min):
 
-    python benchmarks/bench.py                              # S3, GCS, Azure and the WAN run; writes --out
+    python benchmarks/bench.py                              # S3, GCS and Azure; writes --out
     python benchmarks/bench.py --stores s3 --sizes 256      # one store, one size
-    python benchmarks/bench.py --stores wan                 # only the WAN simulation
+    python benchmarks/bench.py --stores wan                 # a short WAN run (benchmarks/wan.py: the full study)
     python benchmarks/bench.py --stores s3 --endpoint http://127.0.0.1:9000   # your MinIO (AWS_* credentials)
 
 Methods: ``ckptcloud`` (streamed multipart save; ranged GETs into a temp file + ``torch.load(mmap=True)``);
@@ -85,7 +85,7 @@ class Runner:
         else:
             self.client.delete_blob(key)
 
-    def measure(self, method: str, size: int, phase: str, concurrency: int = 8, tag: str = "") -> dict:
+    def measure(self, method: str, size: int, phase: str, concurrency: int | None = None, tag: str = "") -> dict:
         python = self.args.fsspec_python if method == "fsspec" else sys.executable
         spec = {"store": self.store, "method": method, "size": size, "endpoint": self.endpoint,
                 "bucket": self.bucket, "phase": phase, "concurrency": concurrency, "tag": tag}  # fmt: skip
@@ -100,7 +100,7 @@ class Runner:
         result["server_cpu"] = None if server_before is None else server_after - server_before  # type: ignore[operator]
         return result
 
-    def round(self, method: str, size: int, concurrency: int = 8, tag: str = "") -> dict:
+    def round(self, method: str, size: int, concurrency: int | None = None, tag: str = "") -> dict:
         """One round of one case: save, then load, then delete the object (untimed)."""
         save = self.measure(method, size, "save", concurrency, tag)
         load = self.measure(method, size, "load", concurrency, tag)
@@ -191,7 +191,8 @@ def run_wan(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stores", default="s3,gcs,azure,wan", help="comma-separated: s3, gcs, azure, wan")
+    parser.add_argument("--stores", default="s3,gcs,azure",
+                        help="comma-separated: s3, gcs, azure, wan (the WAN study is benchmarks/wan.py)")  # fmt: skip
     parser.add_argument("--sizes", help="checkpoint sizes in MiB for every store (default: per store)")
     parser.add_argument("--methods", help="comma-separated subset of the methods")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians and min-max are reported")

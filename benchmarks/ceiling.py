@@ -59,7 +59,7 @@ def _proc_cpu(pid: int) -> float:
 class Ceiling:
     """Runs cases against one sink server; every case a fresh process."""
 
-    def __init__(self, endpoint: str, server_pid: int | None, concurrency: int) -> None:
+    def __init__(self, endpoint: str, server_pid: int | None, concurrency: int | None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1024,4096", help="MiB, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--concurrency", type=int, default=8, help="ckptcloud's max_concurrency")
+    parser.add_argument("--concurrency", type=int, help="ckptcloud's max_concurrency (default: the library's)")
     parser.add_argument("--quick", action="store_true", help="256 MiB, 1 round")
     parser.add_argument("--endpoint", help="an S3 endpoint of your own instead of the sink server")
     parser.add_argument("--out", type=Path, help="folder for ceiling.md and ceiling.json")
