@@ -30,6 +30,17 @@ PART = 64 * 1024
 CHUNK = 64 * 1024
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt() -> Iterator[None]:
+    """Python's own SIGINT handler, as in a terminal. A process started in the background by a non-interactive shell
+    (``cmd &``) inherits SIGINT ignored, and Python then installs no handler: Ctrl-C could not be simulated there."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_main_after(seconds: float) -> tuple[threading.Timer, list[float]]:
     """Send SIGINT to the main thread (a real Ctrl-C, which wakes blocking waits) after ``seconds``.
 
