@@ -20,34 +20,24 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, also from .venv-fsspec
+
+from cases import _cpu, _status  # stdlib only, like this file
+
 MiB = 1024 * 1024
 TENSOR_MIB = 128
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _reset_peak() -> None:
     """Reset ``VmHWM`` to the current RSS (Linux >= 4.0: writing 5 to ``clear_refs``)."""
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def make_state(size_mib: int, rank: int, world: int) -> dict[str, Any]:
