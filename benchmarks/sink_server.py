@@ -219,16 +219,6 @@ class Handler(BaseHTTPRequestHandler):
                 raise ConnectionError("client closed the connection mid-body")
             got += n
 
-    def _skip(self, n: int) -> None:
-        """Read ``n`` bytes and drop them."""
-        if self._scratch is None:
-            self._scratch = bytearray(8 * MiB)
-        scratch = memoryview(self._scratch)
-        while n:
-            take = min(n, len(scratch))
-            self._read_exact(scratch[:take])
-            n -= take
-
     def _body_size(self) -> int:
         """The decoded length of the request body (``x-amz-decoded-content-length`` for aws-chunked)."""
         decoded = self.headers.get("x-amz-decoded-content-length")
@@ -255,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
             if into is not None:
                 self._read_exact(into[:n])
             else:
-                crc = self._drain_crc(n)
+                crc = self._discard(n, 0)
             return n, crc
         got = 0
         while True:
@@ -268,18 +258,20 @@ class Handler(BaseHTTPRequestHandler):
             if into is not None:
                 self._read_exact(into[got : got + size])
             else:
-                crc = self._drain_crc(size, crc or 0)
+                crc = self._discard(size, crc or 0)
             got += size
             self.rfile.readline(4096)  # the CRLF after the chunk's data
 
-    def _drain_crc(self, n: int, crc: int = 0) -> int:
+    def _discard(self, n: int, crc: int | None = None) -> int | None:
+        """Read ``n`` bytes into a scratch buffer and drop them; with a ``crc``, return it updated with them."""
         if self._scratch is None:
             self._scratch = bytearray(8 * MiB)
         scratch = memoryview(self._scratch)
         while n:
             take = min(n, len(scratch))
             self._read_exact(scratch[:take])
-            crc = _crc32c(scratch[:take], crc)
+            if crc is not None:
+                crc = _crc32c(scratch[:take], crc)
             n -= take
         return crc
 
@@ -326,7 +318,7 @@ class Handler(BaseHTTPRequestHandler):
             elif self._chunked():
                 self._small_body()
             else:
-                self._skip(size)
+                self._discard(size)
                 self._body_read = True
 
     # ------------------------------------------------------------------------------------------- helpers
